@@ -1,0 +1,1 @@
+"""ATSC knowledge-distillation harness: recipes in, distilled students out."""

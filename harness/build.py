@@ -1,0 +1,57 @@
+"""Assemble a run's models and method from its recipe."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from harness import models
+from harness.method import KD, Distiller, SimKD, Supervised
+from harness.recipe import Recipe
+
+
+def build_student(recipe: Recipe) -> nn.Module:
+    s = recipe.student
+    return models.create(s.model, recipe.data.num_classes, checkpoint=s.checkpoint, kwargs=s.model_kwargs,
+                         where="student")
+
+
+def build_teachers(recipe: Recipe) -> list[nn.Module]:
+    return [models.create(t.model, recipe.data.num_classes, checkpoint=t.checkpoint, hub=t.hub,
+                          kwargs=t.model_kwargs, where=f"teachers[{i}]")
+            for i, t in enumerate(recipe.teachers)]
+
+
+@torch.no_grad()
+def _feature_shape(model: nn.Module, kind: str, image_size: int) -> tuple[int, tuple[int, int] | None]:
+    """Channels (or width) of the distillation feature, and the map size for 'map' features."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, 3, image_size, image_size)
+    raw = model.forward_features(x)
+    model.train(was_training)
+    if kind == "map":
+        return raw.shape[1], tuple(raw.shape[-2:])
+    return model.forward_head(raw, pre_logits=True).shape[-1], None
+
+
+def build_distiller(recipe: Recipe, student: nn.Module, teachers: list[nn.Module]) -> Distiller:
+    m, size = recipe.method, recipe.data.image_size
+    if m.name == "supervised":
+        return Supervised(student, label_smoothing=m.label_smoothing)
+    if m.name == "kd":
+        return KD(student, teachers[0], alpha=m.kd_weight, temperature=m.temperature, ce_weight=m.ce_weight,
+                  label_smoothing=m.label_smoothing)
+    student_kind = models.feature_kind(student, size)
+    taps, student_dims, teacher_dims, teacher_sizes = [], [], [], []
+    for teacher in teachers:
+        kind = "map" if student_kind == "map" and models.feature_kind(teacher, size) == "map" else "vector"
+        t_dim, t_size = _feature_shape(teacher, kind, size)
+        s_dim, _ = _feature_shape(student, kind, size)
+        taps.append(kind)
+        teacher_dims.append(t_dim)
+        student_dims.append(s_dim)
+        teacher_sizes.append(t_size)
+    return SimKD(student, teachers, taps, student_dims, teacher_dims, teacher_sizes,
+                 [t.weight for t in recipe.teachers], factor=m.projector_factor, feature_weight=m.feature_weight,
+                 ce_weight=m.ce_weight, kd_weight=m.kd_weight, temperature=m.temperature,
+                 fused_bias=m.bias_step == "fused", adapt=m.name == "atsc", label_smoothing=m.label_smoothing)

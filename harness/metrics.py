@@ -1,0 +1,96 @@
+"""What a run reports: ``metrics.jsonl`` records, a live progress line, and the final table."""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import torch
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLog:
+    """Appends one JSON record per line; only the main process writes."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, kind: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "time": round(time.time(), 3), **fields}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Step, epoch, loss, images/s and ETA on the main process.
+
+    On a terminal the line is redrawn in place; into a file (a SLURM log) it prints one plain
+    line per update, at most every ``min_interval`` seconds, so logs stay readable.
+    """
+
+    def __init__(self, total_steps: int, enabled: bool, stream: TextIO = sys.stderr, min_interval: float = 10.0):
+        self.total, self.enabled, self.stream = total_steps, enabled, stream
+        self.tty = enabled and stream.isatty()
+        self.min_interval = 0.0 if self.tty else min_interval
+        self.last_print = 0.0
+
+    def update(self, step: int, epoch: int, epochs: int, loss: float, images_per_s: float, eta_s: float,
+               force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self.last_print < self.min_interval:
+            return
+        self.last_print = now
+        pct = 100.0 * step / max(self.total, 1)
+        text = (f"epoch {epoch + 1}/{epochs}  step {step}/{self.total} ({pct:4.1f}%)  loss {loss:.4f}  "
+                f"{images_per_s:,.0f} img/s  eta {_duration(eta_s)}")
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+            self.stream.flush()
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The short table printed at the end of a run."""
+    rows = [("model", "top-1", "top-5")]
+    for name, m in summary.get("teachers", {}).items():
+        rows.append((f"teacher {name} (adapted)", f"{m['top1']:.4f}", f"{m['top5']:.4f}"))
+        if "loaded_top1" in m:
+            rows.append((f"teacher {name} (as loaded)", f"{m['loaded_top1']:.4f}", ""))
+    rows.append((f"student ({summary['student_path']})", f"{summary['student']['top1']:.4f}",
+                 f"{summary['student']['top5']:.4f}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{a:<{width}}  {b:>7}  {c:>7}" for a, b, c in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"{'train images/s':<{width}}  {summary['images_per_s']:>7,.0f}")
+    lines.append(f"{'wall time':<{width}}  {_duration(summary['wall_time_s']):>7}")
+    return "\n".join(lines)
+
+
+def first(values: dict[str, Optional[float]]) -> Optional[float]:
+    return next(iter(values.values()), None)

@@ -1,0 +1,301 @@
+"""Recipes: one YAML file describes a whole run.
+
+The schema below is the single source of truth: validation, defaults, the command-line
+overrides (``--set optim.lr=0.05``) and the README's key reference
+(``python -m harness.recipe --docs``) all come from it, so they cannot drift apart.
+
+Every error a user can cause here ends as one :class:`RecipeError` whose message names the
+recipe file, the key, and what would be valid.
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe the harness cannot run. The message is meant for the user, as is."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must never silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Augment(_Section):
+    """Training-time augmentation of the shared crop (teachers and student see the same one)."""
+
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect range")
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+
+
+class Data(_Section):
+    train: str = Field(..., description="train shards: a directory of .tar files or a brace pattern ('d/train-{000000..000099}.tar')")
+    val: str = Field(..., description="validation shards, same forms as `train`")
+    num_classes: int = Field(..., gt=1, description="classes in the label space; every classifier must match it")
+    image_size: int = Field(224, gt=0, description="side of the square crop fed to the models")
+    crop_pct: Optional[float] = Field(None, gt=0, le=1, description="eval center-crop fraction; null: the student's own (timm pretrained_cfg)")
+    mean: Optional[tuple[float, float, float]] = Field(None, description="normalisation mean; null: the student's own")
+    std: Optional[tuple[float, float, float]] = Field(None, description="normalisation std; null: the student's own")
+    batch_size: int = Field(64, gt=0, description="images per device per micro-step")
+    workers: int = Field(4, ge=0, description="loader worker processes per device")
+    shuffle_buffer: int = Field(5000, ge=0, description="samples mixed within a worker before batching")
+    train_samples: Optional[int] = Field(None, gt=0, description="train set size; null: read from the shards' _info.json")
+    augment: Augment = Field(default_factory=Augment)
+
+
+class Student(_Section):
+    model: str = Field(..., description="timm model name")
+    checkpoint: Optional[str] = Field(None, description="weights to start from (.pth/.safetensors); null: random init")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for timm.create_model")
+
+
+class Teacher(_Section):
+    model: str = Field(..., description="timm model name")
+    checkpoint: Optional[str] = Field(None, description="local weights file (.pth/.safetensors); one of `checkpoint`, `hub` is required")
+    hub: Optional[str] = Field(None, description="Hugging Face hub id (e.g. 'timm/resnet34.a1_in1k') for hosts with network")
+    weight: float = Field(1.0, gt=0, description="a_k: weight of this teacher's classifier in the student's prediction (normalised over teachers)")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for timm.create_model")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Teacher":
+        if (self.checkpoint is None) == (self.hub is None):
+            raise ValueError("give exactly one of `checkpoint` (a local file) or `hub` (a hub id)")
+        return self
+
+
+class Method(_Section):
+    name: Literal["supervised", "kd", "simkd", "atsc"] = Field(..., description="supervised | kd | simkd | atsc")
+    feature_weight: float = Field(1.0, ge=0, description="beta: weight of the feature MSE (simkd, atsc)")
+    anchor_weight: float = Field(10.0, ge=0, description="w: weight of sum ||W - W0||^2 over multi-dimensional teacher weights (atsc)")
+    ce_weight: float = Field(0.0, ge=0, description="c: weight of the CE of the student's own head (kd: the hard-label term, usually 1 - alpha)")
+    kd_weight: float = Field(0.0, ge=0, description="d: weight of T^2 KL(teacher || student head) at `temperature` (kd: alpha)")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature of the KL terms")
+    projector_factor: int = Field(2, ge=1, description="f: projector bottleneck C_t / f")
+    bias_step: Literal["fused", "two_pass"] = Field("fused", description="fused: one teacher forward per step; two_pass: the authors' second forward for the bias step")
+    adapt_after: int = Field(0, ge=0, description="epochs with teachers frozen (exact SimKD) before they adapt (atsc)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the supervised CE terms")
+
+
+class Optim(_Section):
+    name: Literal["sgd", "adamw"] = Field("sgd", description="sgd | adamw")
+    lr: float = Field(..., gt=0, description="peak learning rate at `lr_batch` images per optimizer step")
+    lr_batch: Optional[int] = Field(None, gt=0, description="batch the lr is quoted for; the lr scales linearly to the real global batch; null: no scaling")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(False, description="SGD Nesterov momentum")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay (decoupled for adamw)")
+    teacher_lr_mult: float = Field(1.0, ge=0, description="teacher lr = student lr x this (atsc)")
+    grad_clip: Optional[float] = Field(None, gt=0, description="clip the global gradient norm to this; null: no clipping")
+
+
+class Schedule(_Section):
+    epochs: int = Field(..., gt=0, description="training epochs")
+    name: Literal["step", "cosine"] = Field("step", description="step | cosine")
+    milestones: list[int] = Field(default_factory=list, description="step: epochs at which the lr is multiplied by `gamma`")
+    gamma: float = Field(0.1, gt=0, description="step: lr factor at each milestone")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from `warmup_factor` x lr, in epochs (fractions allowed)")
+    warmup_factor: float = Field(0.01, ge=0, le=1, description="lr factor at the first warm-up step")
+    min_lr_factor: float = Field(0.0, ge=0, le=1, description="cosine: final lr as a fraction of the peak")
+
+
+class Runtime(_Section):
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPUs that support it, else fp32")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 for student, projectors and adapted teachers")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    seed: int = Field(0, description="seed of initialisation, data order and augmentation")
+    log_every: int = Field(20, gt=0, description="optimizer steps between metric records (losses are read from the device only then)")
+    eval_every: int = Field(1, gt=0, description="epochs between evaluations (the last epoch is always evaluated)")
+    checkpoint_every: int = Field(1, gt=0, description="epochs between resumable checkpoints (the last epoch always saves)")
+    threads: Optional[int] = Field(None, gt=0, description="torch CPU threads per process; null: torch's default")
+
+
+class Recipe(_Section):
+    name: Optional[str] = Field(None, description="run name; null: the recipe file's stem")
+    output: str = Field(..., description="output directory of the run")
+    data: Data
+    student: Student
+    teachers: list[Teacher] = Field(default_factory=list, description="teachers (kd, simkd, atsc); empty for supervised")
+    method: Method
+    optim: Optim
+    schedule: Schedule
+    runtime: Runtime = Field(default_factory=Runtime)
+    overrides: list[str] = Field(default_factory=list, description="set by the harness: the --set overrides applied to this recipe")
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> "Recipe":
+        name = self.method.name
+        if name == "supervised" and self.teachers:
+            raise ValueError("`method.name: supervised` trains the student alone; remove `teachers` or pick kd/simkd/atsc")
+        if name != "supervised" and not self.teachers:
+            raise ValueError(f"`method.name: {name}` needs at least one entry in `teachers`")
+        if name == "kd" and len(self.teachers) > 1:
+            raise ValueError("`method.name: kd` takes one teacher; use simkd or atsc for several")
+        if self.method.bias_step == "two_pass" and self.runtime.zero_stage == 3:
+            raise ValueError("`method.bias_step: two_pass` steps the classifier bias outside the ZeRO engine, "
+                             "which stage 3 partitions; use `fused` or `runtime.zero_stage` 0-2")
+        if self.method.adapt_after >= self.schedule.epochs and name == "atsc":
+            raise ValueError(f"`method.adapt_after` ({self.method.adapt_after}) must be below `schedule.epochs` "
+                             f"({self.schedule.epochs}) for atsc; use simkd for a teacher that never adapts")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_error(err: dict, source: str) -> str:
+    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        section = _section_at(err["loc"][:-1])
+        valid = sorted(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        return f"{source}: unknown key `{loc}`{hint}; valid keys here: {', '.join(valid)}"
+    if kind == "missing":
+        return f"{source}: missing required key `{loc}`"
+    got = err.get("input")
+    where = f"`{loc}`: " if loc else ""
+    return f"{source}: {where}{msg} (got {got!r})" if loc else f"{source}: {msg}"
+
+
+def _section_at(loc: tuple) -> Optional[type[BaseModel]]:
+    """The schema class that owns the keys at `loc` (list indices skipped)."""
+    cls: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        cls = _model_of(field.annotation)
+        if cls is None:
+            return None
+    return cls
+
+
+def _model_of(annotation: Any) -> Optional[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found:
+            return found
+    return None
+
+
+def apply_override(tree: dict, assignment: str, source: str) -> None:
+    """Apply one ``key.path=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise RecipeError(f"{source}: override {assignment!r} is not of the form key.path=value")
+    path, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node: Any = tree
+    parts = path.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        key: Any = int(part) if isinstance(node, list) and part.isdigit() else part
+        try:
+            node = node[key] if isinstance(node, list) else node.setdefault(key, {})
+        except (IndexError, TypeError):
+            raise RecipeError(f"{source}: override {assignment!r}: `{'.'.join(parts[:i + 1])}` does not exist") from None
+    last: Any = int(parts[-1]) if isinstance(node, list) and parts[-1].isdigit() else parts[-1]
+    node[last] = value
+
+
+def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None, check_files: bool = True) -> Recipe:
+    """Read, override and validate a recipe. Raises :class:`RecipeError` with a user-facing message."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise RecipeError(f"{source}: recipe file not found; recipes live in recipes/ (e.g. recipes/demo.yaml)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{source}: the top level must be a mapping of sections (data, student, method, ...)")
+    overrides = list(overrides or [])
+    for assignment in overrides:
+        apply_override(tree, assignment, source)
+    tree["overrides"] = list(tree.get("overrides") or []) + overrides
+    tree.setdefault("name", path.stem)
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as e:
+        raise RecipeError("\n".join(_format_error(err, source) for err in e.errors(include_url=False))) from None
+    if check_files:
+        check_recipe_files(recipe, source, base=Path.cwd())
+    return recipe
+
+
+def check_recipe_files(recipe: Recipe, source: str, base: Path) -> None:
+    """Every local file the recipe names must exist before anything starts."""
+    from harness.data import expand_urls  # local: keeps this module importable without torch
+
+    problems = []
+    for key, pattern in (("data.train", recipe.data.train), ("data.val", recipe.data.val)):
+        try:
+            expand_urls(pattern)
+        except FileNotFoundError as e:
+            problems.append(f"{source}: `{key}`: {e}")
+    if recipe.student.checkpoint and not (base / recipe.student.checkpoint).is_file():
+        problems.append(f"{source}: `student.checkpoint`: file not found: {recipe.student.checkpoint}")
+    for i, teacher in enumerate(recipe.teachers):
+        if teacher.checkpoint and not (base / teacher.checkpoint).is_file():
+            problems.append(f"{source}: `teachers[{i}].checkpoint`: file not found: {teacher.checkpoint}; "
+                            f"train one with a `supervised` recipe (see recipes/demo-teacher.yaml) or fix the path")
+    if problems:
+        raise RecipeError("\n".join(problems))
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe, every default filled in, as written into each run's directory."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    return text or str(annotation).replace("typing.", "").replace("Optional", "optional")
+
+
+def recipe_docs() -> str:
+    """Markdown table of every recipe key with its type, default and meaning."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            key = f"{prefix}{name}"
+            sub = _model_of(field.annotation)
+            if sub is not None and key != "teachers":
+                if field.description:
+                    rows.append(f"| `{key}` | section | | {field.description} |")
+                walk(sub, f"{key}[]." if "list" in str(field.annotation) else f"{key}.")
+                continue
+            if field.is_required():
+                default = "**required**"
+            else:
+                value = field.get_default(call_default_factory=True)
+                default = "" if isinstance(value, BaseModel) else f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            rows.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | {field.description or ''} |")
+            if sub is not None:
+                walk(sub, f"{key}[].")
+
+    walk(Recipe, "")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--docs"]:
+        print(recipe_docs())
+    else:
+        print("usage: python -m harness.recipe --docs", file=sys.stderr)
+        sys.exit(2)

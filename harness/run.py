@@ -1,0 +1,233 @@
+"""Train from a recipe: ``accelerate launch harness/run.py recipes/imagenet.yaml``.
+
+The loop below reads top to bottom: build, (resume), then per epoch: switch the teachers to
+adapting when due, train, evaluate, checkpoint; at the end export the deployed student and
+write ``summary.json``. Methods live in ``method.py``; this file only orchestrates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from harness import checkpoint
+from harness.build import build_distiller, build_student, build_teachers
+from harness.data import DataError, build_loaders
+from harness.engine import (Runtime, base_optimizer, build_engine, evaluate, init_runtime, shutdown,
+                            two_pass_bias_step)
+from harness.export import full_state_dict, save_student, student_config
+from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
+from harness.models import ModelError, preprocess_of
+from harness.optim import (LRSchedule, bias_optimizer, build_optimizer, peak_lr, reset_teacher_state, set_lr,
+                           set_teachers_trainable)
+from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
+
+USER_ERRORS = (RecipeError, ModelError, DataError)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Distil a student from a recipe.")
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one recipe key, e.g. --set optim.lr=0.05 (repeatable; recorded in the run)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue the run in the recipe's output directory (its latest checkpoint, or the one given)")
+    p.add_argument("--stop-after-epochs", type=int, default=None, metavar="N",
+                   help="stop (checkpointed) after N epochs of this invocation, as a preemption would")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rt = init_runtime(recipe.runtime.precision, recipe.runtime.zero_stage, recipe.runtime.threads)
+    try:
+        train(recipe, args, rt)
+        return 0
+    except USER_ERRORS as e:
+        if rt.is_main:
+            print(f"error: {args.recipe}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+
+
+def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[Path]:
+    found = checkpoint.latest(recipe.output)
+    if resume is None:
+        if found is not None:
+            raise RecipeError(f"`output` {recipe.output} already holds a run (checkpoint {found.name}); pass "
+                              f"--resume to continue it, or choose another directory with --set output=...")
+        return None
+    if resume == "latest":
+        return found  # nothing saved yet: start from the beginning
+    path = Path(resume)
+    if not path.is_dir():
+        raise RecipeError(f"--resume {resume}: no such checkpoint directory")
+    return path
+
+
+def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
+    wall_start = time.time()
+    out = Path(recipe.output)
+    resume_from = resume_point(recipe, args.resume)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(to_yaml(recipe))
+    log = MetricsLog(out / "metrics.jsonl", rt.is_main)
+    m, d, rr = recipe.method, recipe.data, recipe.runtime
+
+    # --- models, method, data, engine
+    torch.manual_seed(rr.seed)  # identical initialisation on every rank
+    student, teachers = build_student(recipe), build_teachers(recipe)
+    distiller = build_distiller(recipe, student, teachers)
+    pre = preprocess_of(student, d.image_size, d.crop_pct, d.mean, d.std)
+    train_loader, val_loader, _ = build_loaders(recipe, pre, rt.rank, rt.world_size, rt.device.type == "cuda")
+    steps_per_epoch = len(train_loader) // rr.grad_accum
+    global_batch = d.batch_size * rt.world_size * rr.grad_accum
+    optimizer = build_optimizer(distiller.param_groups(), recipe.optim, m.anchor_weight)
+    two_pass = m.name == "atsc" and m.bias_step == "two_pass"
+    bias_opt = bias_optimizer(distiller.bias_parameters(), recipe.optim) if two_pass else None
+    engine = build_engine(distiller, optimizer, rt, d.batch_size, rr.grad_accum, recipe.optim.grad_clip)
+    inner = base_optimizer(engine)
+    schedule, lr0 = LRSchedule(recipe.schedule, steps_per_epoch), peak_lr(recipe.optim, global_batch)
+    eval_models = {"student": distiller.deployed(),
+                   **{f"{i}:{t.model}": teacher for i, (t, teacher) in enumerate(zip(recipe.teachers, distiller.teachers))}}
+
+    # --- state: fresh or resumed
+    if resume_from is not None:
+        state = checkpoint.load(engine, resume_from, bias_opt)
+        log.write("resume", checkpoint=str(resume_from), epoch=state["epoch"], step=state["step"])
+    else:
+        loaded = evaluate({k: v for k, v in eval_models.items() if k != "student"}, val_loader.epoch(0), rt, d.image_size)
+        state = {"epoch": 0, "step": 0, "adapting": False, "teachers_loaded": loaded, "best_top1": 0.0, "last_eval": None}
+        if loaded:
+            log.write("eval", epoch=0, step=0, teachers_as_loaded=loaded)
+    distiller.set_adapting(state["adapting"])
+    set_teachers_trainable(inner, state["adapting"])
+
+    progress = Progress(recipe.schedule.epochs * steps_per_epoch, rt.is_main)
+    progress.message(f"{recipe.name}: {m.name}, {len(teachers)} teacher(s), world size {rt.world_size}, "
+                     f"global batch {global_batch}, {steps_per_epoch} steps/epoch, ZeRO-{rr.zero_stage}, "
+                     f"{'bf16' if rt.bf16 else 'fp32'} on {rt.device.type}")
+    images_per_s, epochs_run = 0.0, 0
+    for epoch in range(state["epoch"], recipe.schedule.epochs):
+        if m.name == "atsc" and epoch >= m.adapt_after and not state["adapting"]:
+            reset_teacher_state(inner)  # the teachers start adapting with fresh optimizer state
+            inner.capture_anchor()      # W0: the weights at the moment adaptation starts
+            set_teachers_trainable(inner, True)
+            distiller.set_adapting(True)
+            state["adapting"] = True
+            log.write("adapt", epoch=epoch, step=state["step"])
+        distiller.train()
+        torch.manual_seed(hash((rr.seed, epoch, rt.rank)) & 0xFFFFFFFF)  # dropout etc.: resumable per epoch
+        images_per_s = train_epoch(engine, distiller, train_loader, epoch, state, recipe, rt, schedule, lr0,
+                                   inner, bias_opt, log, progress)
+        state["epoch"] = epoch + 1
+        epochs_run += 1
+        last = epoch + 1 == recipe.schedule.epochs
+        if last or (epoch + 1) % rr.eval_every == 0:
+            results = evaluate(eval_models, val_loader.epoch(0), rt, d.image_size)
+            state["last_eval"] = results
+            state["best_top1"] = max(state["best_top1"], results["student"]["top1"])
+            log.write("eval", epoch=epoch + 1, step=state["step"], **results)
+            progress.message(f"epoch {epoch + 1}: " + ", ".join(f"{k} top-1 {v['top1']:.4f}" for k, v in results.items()))
+        stopping = args.stop_after_epochs is not None and epochs_run >= args.stop_after_epochs
+        if last or stopping or (epoch + 1) % rr.checkpoint_every == 0:
+            if bias_opt is not None:
+                state["bias_optimizer"] = bias_opt.state_dict()
+            checkpoint.save(engine, out, epoch + 1, state)
+        if stopping and not last:
+            progress.message(f"stopped after epoch {epoch + 1} as asked; continue with --resume")
+            return state
+
+    # --- final evaluation, export, summary
+    results = state["last_eval"] or evaluate(eval_models, val_loader.epoch(0), rt, d.image_size)
+    student_state = full_state_dict(distiller.deployed(), rr.zero_stage)
+    summary = {
+        "recipe": recipe.name, "method": m.name, "world_size": rt.world_size,
+        "student": results["student"], "student_path": "shared classifier" if m.name in ("simkd", "atsc") else "own head",
+        "teachers": {k: {**v, "loaded_top1": state["teachers_loaded"][k]["top1"]} for k, v in results.items() if k != "student"},
+        "images_per_s": images_per_s, "wall_time_s": time.time() - wall_start, "epochs": recipe.schedule.epochs,
+        "global_batch": global_batch,
+    }
+    if rt.is_main:
+        save_student(student_state, student_config(distiller, recipe, pre), out / "student.safetensors")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        progress.message(summary_table(summary))
+    return state
+
+
+def train_epoch(engine, distiller, loader, epoch: int, state: dict, recipe: Recipe, rt: Runtime,
+                schedule: LRSchedule, lr0: float, inner, bias_opt, log: MetricsLog, progress: Progress) -> float:
+    """One epoch of optimizer steps; returns the epoch's training images per second."""
+    rr, epochs = recipe.runtime, recipe.schedule.epochs
+    images_per_micro = recipe.data.batch_size * rt.world_size
+    sums: dict[str, torch.Tensor] = {}
+    micro_steps, window_micro, window_wait = 0, 0, 0.0
+    epoch_start = window_start = time.perf_counter()
+    batches = iter(loader.epoch(epoch))
+    while True:
+        wait_start = time.perf_counter()
+        batch = next(batches, None)
+        window_wait += time.perf_counter() - wait_start
+        if batch is None:
+            break
+        x, y = (t.to(rt.device, non_blocking=True) for t in batch)
+        lr = lr0 * schedule.factor(state["step"])
+        set_lr(inner.param_groups, lr)
+        loss, terms = engine(x, y)
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        micro_steps, window_micro = micro_steps + 1, window_micro + 1
+        terms = {"loss": loss, **terms}
+        if boundary and bias_opt is not None and distiller.adapting:
+            set_lr(bias_opt.param_groups, lr)
+            terms["bias_two_pass"] = two_pass_bias_step(distiller, bias_opt, x, y, rt)
+        for k, v in terms.items():  # summed on the device: no host sync per step
+            sums[k] = sums.get(k, 0) + v.detach().float()
+        if not boundary:
+            continue
+        state["step"] += 1
+        if state["step"] % rr.log_every == 0:
+            now = time.perf_counter()
+            values = dict(zip(sums, (torch.stack(list(sums.values())) / window_micro).tolist()))
+            if distiller.adapting and inner.param_groups and any(g.get("anchor") for g in inner.param_groups):
+                values["anchor"] = anchor_value(inner, rt)
+            ips = images_per_micro * window_micro / (now - window_start)
+            remaining = epochs * schedule.steps_per_epoch - state["step"]
+            log.write("train", epoch=epoch, step=state["step"], lr=lr, images_per_s=round(ips, 1),
+                      data_wait=round(window_wait / (now - window_start), 4), memory_gb=round(memory_gb(rt.device), 3),
+                      **{k: round(v, 6) for k, v in values.items()})
+            progress.update(state["step"], epoch, epochs, values["loss"], ips,
+                            remaining * rr.grad_accum * (now - window_start) / window_micro)
+            sums, window_micro, window_wait, window_start = {}, 0, 0.0, now
+    elapsed = time.perf_counter() - epoch_start
+    return images_per_micro * micro_steps / elapsed if elapsed > 0 else math.nan
+
+
+def anchor_value(inner, rt: Runtime) -> float:
+    """The anchor term's value, summed over ZeRO partitions (stages 1-3 split the references)."""
+    value = inner.anchor_value().to(rt.device).float().reshape(1)
+    if rt.zero_stage > 0:
+        from harness.engine import all_reduce_sum
+
+        all_reduce_sum(value)
+    return value.item()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tools that write and check webdataset shards."""
