@@ -31,8 +31,7 @@ test: install
 
 # Regenerate the README's recipe-key reference from the schema.
 docs: install
-	$(PY) -m harness.recipe --docs > /tmp/recipe-keys.md
-	$(PY) tools/readme_keys.py README.md /tmp/recipe-keys.md
+	$(PY) -m harness.recipe --write README.md
 
 clean:
 	rm -rf runs data

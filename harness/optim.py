@@ -17,50 +17,63 @@ ROLE_STUDENT, ROLE_TEACHER = "student", "teacher"
 
 
 class AnchorMixin:
-    """Adds the anchor gradient to groups with ``anchor_weight > 0`` whose references are set."""
+    """Adds ATSC's anchor gradient, and restarts the teachers' state when adaptation starts.
+
+    Both happen lazily inside ``step``, per parameter: under ZeRO-3 DeepSpeed hands the
+    optimizer one flat partition at a time and leaves ``param_groups[i]['params']`` empty in
+    between, so nothing can be done to the parameters from outside a step. Each teacher group
+    carries an ``adapt_token``; a parameter whose state carries another token gets a fresh
+    state and, in anchored groups, the reference W0 := its value before this first adapted step.
+    """
 
     param_groups: list[dict]
     state: dict
+    track_anchor: bool = False  # compute the anchor's value during the next step (for logging)
+    _EXTRA_STATE = ("anchor", "adapt_token")
 
-    @torch.no_grad()
-    def capture_anchor(self) -> None:
-        """Take W0 := the current weights of every anchored group (called when adaptation starts)."""
+    def start_adaptation(self) -> None:
+        """From the next step on, teachers adapt from fresh state and W0 is their current weights."""
         for group in self.param_groups:
-            if group.get("anchor"):
-                for p in group["params"]:
-                    self.state[p]["anchor"] = p.detach().clone()
+            if group.get("role") == ROLE_TEACHER:
+                group["adapt_token"] = group.get("adapt_token", 0) + 1
 
-    @torch.no_grad()
     def anchor_value(self) -> torch.Tensor:
-        """sum ||p - p0||^2 * w over the (local partitions of) anchored parameters."""
-        total = None
-        for group in self.param_groups:
-            w = group.get("anchor_weight", 0.0)
-            for p in group["params"] if group.get("anchor") and w else ():
-                ref = self.state.get(p, {}).get("anchor")
-                if ref is not None:
-                    term = (p.float() - ref.float()).pow(2).sum() * w
-                    total = term if total is None else total + term
-        return total if total is not None else torch.zeros(())
+        """w * sum ||p - p0||^2 over this rank's anchored partitions, as of the last tracked step."""
+        terms = list(getattr(self, "_anchor_terms", {}).values())
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    @torch.no_grad()
+    def _prepare(self, group: dict) -> None:
+        token, w = group.get("adapt_token"), group.get("anchor_weight", 0.0)
+        if token is None or group.get("frozen"):
+            return
+        terms = self.__dict__.setdefault("_anchor_terms", {})
+        for p in group["params"]:
+            state = self.state[p]
+            if state.get("adapt_token") != token:
+                state.clear()
+                state["adapt_token"] = token
+                if group.get("anchor"):
+                    state["anchor"] = p.detach().clone()
+            if group.get("anchor") and w and p.grad is not None:
+                diff = p - state["anchor"]
+                if self.track_anchor:
+                    terms[id(p)] = diff.float().pow(2).sum() * w
+                p.grad.add_(diff, alpha=2.0 * w)
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            w = group.get("anchor_weight", 0.0)
-            if not (group.get("anchor") and w):
-                continue
-            for p in group["params"]:
-                ref = self.state.get(p, {}).get("anchor")
-                if ref is not None and p.grad is not None:
-                    p.grad.add_(p - ref, alpha=2.0 * w)
-        # The base optimizer initialises a parameter's state when it finds it empty; the
-        # reference must not make a fresh state look initialised, so it steps aside meanwhile.
-        refs = {p: self.state[p].pop("anchor") for p in list(self.state) if "anchor" in self.state[p]}
+            self._prepare(group)
+        # The base optimizer initialises a parameter's state when it finds it empty; our keys
+        # must not make a fresh state look initialised, so they step aside meanwhile.
+        extra = {p: {k: self.state[p].pop(k) for k in self._EXTRA_STATE if k in self.state[p]}
+                 for group in self.param_groups for p in group["params"] if p in self.state}
         try:
             return super().step(closure)  # type: ignore[misc]
         finally:
-            for p, ref in refs.items():
-                self.state[p]["anchor"] = ref
+            for p, keys in extra.items():
+                self.state[p].update(keys)
 
 
 class AnchoredSGD(AnchorMixin, torch.optim.SGD):
@@ -90,14 +103,6 @@ def set_teachers_trainable(optimizer: torch.optim.Optimizer, trainable: bool) ->
         if group.get("role") == ROLE_TEACHER:
             group["frozen"] = not trainable
             group["weight_decay"] = group["base_weight_decay"] if trainable else 0.0
-
-
-def reset_teacher_state(optimizer: torch.optim.Optimizer) -> None:
-    """Fresh optimizer state for the teachers when they start adapting (as the authors start)."""
-    for group in optimizer.param_groups:
-        if group.get("role") == ROLE_TEACHER:
-            for p in group["params"]:
-                optimizer.state[p] = {}
 
 
 class LRSchedule:

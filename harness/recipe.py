@@ -71,7 +71,7 @@ class Teacher(_Section):
 
 
 class Method(_Section):
-    name: Literal["supervised", "kd", "simkd", "atsc"] = Field(..., description="supervised | kd | simkd | atsc")
+    name: Literal["supervised", "kd", "simkd", "atsc"] = Field(..., description="the method (ATSC.md section 3)")
     feature_weight: float = Field(1.0, ge=0, description="beta: weight of the feature MSE (simkd, atsc)")
     anchor_weight: float = Field(10.0, ge=0, description="w: weight of sum ||W - W0||^2 over multi-dimensional teacher weights (atsc)")
     ce_weight: float = Field(0.0, ge=0, description="c: weight of the CE of the student's own head (kd: the hard-label term, usually 1 - alpha)")
@@ -84,7 +84,7 @@ class Method(_Section):
 
 
 class Optim(_Section):
-    name: Literal["sgd", "adamw"] = Field("sgd", description="sgd | adamw")
+    name: Literal["sgd", "adamw"] = Field("sgd", description="the optimizer")
     lr: float = Field(..., gt=0, description="peak learning rate at `lr_batch` images per optimizer step")
     lr_batch: Optional[int] = Field(None, gt=0, description="batch the lr is quoted for; the lr scales linearly to the real global batch; null: no scaling")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
@@ -97,7 +97,7 @@ class Optim(_Section):
 
 class Schedule(_Section):
     epochs: int = Field(..., gt=0, description="training epochs")
-    name: Literal["step", "cosine"] = Field("step", description="step | cosine")
+    name: Literal["step", "cosine"] = Field("step", description="step decay at milestones, or cosine to `min_lr_factor`")
     milestones: list[int] = Field(default_factory=list, description="step: epochs at which the lr is multiplied by `gamma`")
     gamma: float = Field(0.1, gt=0, description="step: lr factor at each milestone")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from `warmup_factor` x lr, in epochs (fractions allowed)")
@@ -263,8 +263,19 @@ def to_yaml(recipe: Recipe) -> str:
 
 
 def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
-    return text or str(annotation).replace("typing.", "").replace("Optional", "optional")
+    origin, args = getattr(annotation, "__origin__", None), getattr(annotation, "__args__", ())
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in args)
+    if origin is Union:
+        inner = [a for a in args if a is not type(None)]
+        return f"{' or '.join(_type_name(a) for a in inner)} or null"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return "any" if annotation is Any else getattr(annotation, "__name__", str(annotation))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def recipe_docs() -> str:
@@ -277,7 +288,7 @@ def recipe_docs() -> str:
             sub = _model_of(field.annotation)
             if sub is not None and key != "teachers":
                 if field.description:
-                    rows.append(f"| `{key}` | section | | {field.description} |")
+                    rows.append(f"| `{key}` | section | | {_cell(field.description)} |")
                 walk(sub, f"{key}[]." if "list" in str(field.annotation) else f"{key}.")
                 continue
             if field.is_required():
@@ -285,7 +296,7 @@ def recipe_docs() -> str:
             else:
                 value = field.get_default(call_default_factory=True)
                 default = "" if isinstance(value, BaseModel) else f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
-            rows.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | {field.description or ''} |")
+            rows.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | {_cell(field.description or '')} |")
             if sub is not None:
                 walk(sub, f"{key}[].")
 
@@ -293,9 +304,22 @@ def recipe_docs() -> str:
     return "\n".join(rows)
 
 
+DOCS_START, DOCS_END = "<!-- recipe-keys:start -->", "<!-- recipe-keys:end -->"
+
+
+def write_docs(readme: Path) -> None:
+    """Replace the key reference between the README's markers with the schema's."""
+    text = readme.read_text()
+    head, rest = text.split(DOCS_START)
+    _, tail = rest.split(DOCS_END)
+    readme.write_text(f"{head}{DOCS_START}\n{recipe_docs()}\n{DOCS_END}{tail}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--docs"]:
         print(recipe_docs())
+    elif sys.argv[1:2] == ["--write"] and len(sys.argv) == 3:
+        write_docs(Path(sys.argv[2]))
     else:
-        print("usage: python -m harness.recipe --docs", file=sys.stderr)
+        print("usage: python -m harness.recipe --docs | --write README.md", file=sys.stderr)
         sys.exit(2)

@@ -25,8 +25,7 @@ from harness.engine import (Runtime, base_optimizer, build_engine, evaluate, ini
 from harness.export import full_state_dict, save_student, student_config
 from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
 from harness.models import ModelError, preprocess_of
-from harness.optim import (LRSchedule, bias_optimizer, build_optimizer, peak_lr, reset_teacher_state, set_lr,
-                           set_teachers_trainable)
+from harness.optim import LRSchedule, bias_optimizer, build_optimizer, peak_lr, set_lr, set_teachers_trainable
 from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
 
 USER_ERRORS = (RecipeError, ModelError, DataError)
@@ -125,8 +124,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
     images_per_s, epochs_run = 0.0, 0
     for epoch in range(state["epoch"], recipe.schedule.epochs):
         if m.name == "atsc" and epoch >= m.adapt_after and not state["adapting"]:
-            reset_teacher_state(inner)  # the teachers start adapting with fresh optimizer state
-            inner.capture_anchor()      # W0: the weights at the moment adaptation starts
+            inner.start_adaptation()  # fresh teacher optimizer state; W0 := the weights now
             set_teachers_trainable(inner, True)
             distiller.set_adapting(True)
             state["adapting"] = True
@@ -188,6 +186,7 @@ def train_epoch(engine, distiller, loader, epoch: int, state: dict, recipe: Reci
         x, y = (t.to(rt.device, non_blocking=True) for t in batch)
         lr = lr0 * schedule.factor(state["step"])
         set_lr(inner.param_groups, lr)
+        inner.track_anchor = distiller.adapting and (state["step"] + 1) % rr.log_every == 0
         loss, terms = engine(x, y)
         engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()
@@ -205,7 +204,7 @@ def train_epoch(engine, distiller, loader, epoch: int, state: dict, recipe: Reci
         if state["step"] % rr.log_every == 0:
             now = time.perf_counter()
             values = dict(zip(sums, (torch.stack(list(sums.values())) / window_micro).tolist()))
-            if distiller.adapting and inner.param_groups and any(g.get("anchor") for g in inner.param_groups):
+            if distiller.adapting and any(g.get("anchor") for g in inner.param_groups):
                 values["anchor"] = anchor_value(inner, rt)
             ips = images_per_micro * window_micro / (now - window_start)
             remaining = epochs * schedule.steps_per_epoch - state["step"]
