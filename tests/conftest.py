@@ -21,7 +21,9 @@ def digits(tmp_path_factory) -> Path:
 def launch(args: list[str], cwd: Path, processes: int = 1, timeout: int = 600, port: int = 0) -> subprocess.CompletedProcess:
     """Run harness/run.py under `accelerate launch` with N CPU processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+    # --multi_gpu is accelerate's name for its torchrun launcher; without it a CPU host runs 1 process
+    multi = ["--multi_gpu"] if processes > 1 else []
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port or _free_port()), str(ROOT / "harness" / "run.py"), *args]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,135 @@
+"""Whole runs under `accelerate launch`: 2 CPU processes, ZeRO-2 and ZeRO-3, resume, export."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import launch
+from harness.data import EpochLoader, ShardStream, eval_transform, expand_urls
+from harness.export import load_student
+
+
+def tiny_recipe(tmp: Path, digits: Path, name: str, **sections) -> Path:
+    tree = {
+        "output": str(tmp / name),
+        "data": {"train": str(digits / "train-{000000..000003}.tar"), "val": str(digits / "val-{000000..000001}.tar"),
+                 "num_classes": 10, "image_size": 16, "crop_pct": 1.0, "batch_size": 32, "workers": 1,
+                 "shuffle_buffer": 200, "augment": {"crop_scale": [0.7, 1.0], "hflip": 0.0}},
+        "student": {"model": "test_resnet"},
+        "method": {"name": "supervised"},
+        "optim": {"lr": 0.1, "weight_decay": 5.0e-4},
+        "schedule": {"epochs": 4, "name": "cosine"},
+        "runtime": {"log_every": 5},
+    }
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def teacher(work, digits) -> Path:
+    """A real teacher: test_resnet trained on the digits by the `supervised` method."""
+    result = launch([str(tiny_recipe(work, digits, "teacher"))], cwd=work)
+    assert result.returncode == 0
+    assert summary(work / "teacher")["student"]["top1"] > 0.9
+    return work / "teacher" / "student.safetensors"
+
+
+def atsc_recipe(work, digits, teacher, name, zero_stage, **method):
+    return tiny_recipe(work, digits, name, teachers=[{"model": "test_resnet", "checkpoint": str(teacher)}],
+                       method={"name": "atsc", "anchor_weight": 1.0, "adapt_after": 1, **method},
+                       runtime={"log_every": 5, "zero_stage": zero_stage})
+
+
+def last_train_record(run_dir: Path) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "train"][-1]
+
+
+@pytest.fixture(scope="module")
+def zero_runs(work, digits, teacher) -> dict[int, Path]:
+    runs = {}
+    for stage in (2, 3):
+        result = launch([str(atsc_recipe(work, digits, teacher, f"atsc-zero{stage}", stage))], cwd=work, processes=2)
+        assert result.returncode == 0, f"ZeRO-{stage} run failed"
+        runs[stage] = work / f"atsc-zero{stage}"
+    return runs
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_atsc_learns_with_2_processes(zero_runs, stage):
+    run = zero_runs[stage]
+    s = summary(run)
+    assert s["world_size"] == 2 and s["method"] == "atsc"
+    assert s["student"]["top1"] > 0.8  # chance is 0.1
+    assert s["student"]["samples"] == 359  # every validation image once, none twice
+    assert set(s["teachers"]["0:test_resnet"]) >= {"top1", "top5", "loaded_top1"}
+    record = last_train_record(run)
+    assert {"loss", "feature0", "bias0", "anchor", "lr", "images_per_s", "data_wait", "memory_gb"} <= set(record)
+    assert record["anchor"] > 0  # teachers adapted and moved away from W0
+    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "student.safetensors", "checkpoints/latest"):
+        assert (run / name).exists(), name
+
+
+def test_zero_stages_2_and_3_reach_the_same_losses(zero_runs):
+    a, b = last_train_record(zero_runs[2]), last_train_record(zero_runs[3])
+    for key in ("loss", "feature0", "bias0", "anchor"):
+        assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+
+
+def test_resume_mid_run_gives_the_same_final_weights(work, digits, teacher, zero_runs):
+    recipe = atsc_recipe(work, digits, teacher, "atsc-resumed", 2)
+    first = launch([str(recipe), "--stop-after-epochs", "2"], cwd=work, processes=2)
+    assert first.returncode == 0
+    assert not (work / "atsc-resumed" / "student.safetensors").exists()
+    again = launch([str(recipe)], cwd=work, processes=2)  # no --resume: refused, nothing overwritten
+    assert again.returncode != 0 and "pass --resume" in again.stderr
+    second = launch([str(recipe), "--resume"], cwd=work, processes=2)
+    assert second.returncode == 0
+    resumed = load_file(str(work / "atsc-resumed" / "student.safetensors"))
+    straight = load_file(str(zero_runs[2] / "student.safetensors"))
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.allclose(resumed[key], straight[key], atol=1e-6), key
+
+
+def test_exported_student_reproduces_the_evaluation(zero_runs, digits):
+    run = zero_runs[3]
+    model = load_student(run / "student.safetensors")
+    stream = ShardStream(expand_urls(str(digits / "val-{000000..000001}.tar")), eval_transform(model.preprocess), 10, 64,
+                         train=False)
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in EpochLoader(stream, 0, False).epoch(0):
+            correct += (model(x).argmax(-1) == y).sum().item()
+            total += len(y)
+    assert total == 359
+    assert correct / total == pytest.approx(summary(run)["student"]["top1"], abs=1.5 / total)
+
+
+@pytest.mark.parametrize("method", [{"name": "kd", "kd_weight": 0.9, "ce_weight": 0.1}, {"name": "simkd"},
+                                    {"name": "atsc", "bias_step": "two_pass", "adapt_after": 0}])
+def test_other_methods_run_on_the_same_path(work, digits, teacher, method):
+    name = f"m-{method['name']}-{method.get('bias_step', '')}"
+    recipe = tiny_recipe(work, digits, name, teachers=[{"model": "test_resnet", "checkpoint": str(teacher)}],
+                         method=method, schedule={"epochs": 3}, runtime={"log_every": 5, "zero_stage": 1})
+    result = launch([str(recipe)], cwd=work)
+    assert result.returncode == 0
+    s = summary(work / name)
+    assert s["student"]["top1"] > 0.5
+    if method.get("bias_step") == "two_pass":
+        assert "bias_two_pass" in last_train_record(work / name)
