@@ -149,16 +149,20 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         return (info.id, info.num_workers) if info else (0, 1)
 
-    def _shard_order(self, cycle: int) -> list[str]:
+    def _rank_shards(self, cycle: int) -> list[str]:
+        """This rank's shards for the epoch; a rank that runs dry re-reads only its own, reshuffled."""
         urls = list(self.urls)
         if self.train:
-            random.Random(hash((self.seed, self.epoch, cycle)) & 0xFFFFFFFF).shuffle(urls)
-        return urls
+            random.Random(hash((self.seed, self.epoch)) & 0xFFFFFFFF).shuffle(urls)
+        mine = urls[self.rank::self.world_size]
+        if cycle:
+            random.Random(hash((self.seed, self.epoch, self.rank, cycle)) & 0xFFFFFFFF).shuffle(mine)
+        return mine
 
     def _my_samples(self, cycle: int) -> Iterator[dict]:
         """This rank's and worker's share: whole shards if there are enough, else every n-th sample."""
         worker, workers = self._worker()
-        shards = self._shard_order(cycle)[self.rank::self.world_size]
+        shards = self._rank_shards(cycle)
         if len(shards) >= workers:
             yield from _samples(shards[worker::workers])
         else:

@@ -1,6 +1,4 @@
 """The shard stream: every rank the same number of batches, evaluation exact, order reproducible."""
-import collections
-
 import pytest
 
 from harness.data import DataError, EpochLoader, Preprocess, ShardStream, eval_transform, expand_urls
@@ -8,37 +6,59 @@ from harness.data import DataError, EpochLoader, Preprocess, ShardStream, eval_t
 PRE = Preprocess(image_size=8, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def keys_seen(stream: ShardStream, workers: int, epoch: int = 0) -> list[tuple]:
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    """Shards whose images carry their own sample index in the first two pixels."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    out = tmp_path_factory.mktemp("indexed")
+    sizes = {"train": [300, 250, 200, 150], "val": [180, 179]}
+    index = 0
+    for split, lengths in sizes.items():
+        for shard, n in enumerate(lengths):
+            with wds.TarWriter(str(out / f"{split}-{shard:06d}.tar")) as sink:
+                for _ in range(n):
+                    pixels = np.full((8, 8), 7, dtype=np.uint8)
+                    pixels[0, 0], pixels[0, 1] = index // 256, index % 256
+                    buf = io.BytesIO()
+                    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+                    sink.write({"__key__": f"s{index:05d}", "png": buf.getvalue(), "cls": index % 10})
+                    index += 1
+    return out
+
+
+def keys_seen(stream: ShardStream, workers: int, epoch: int = 0) -> list[int]:
+    """The sample indices the stream delivered, in order."""
     loader = EpochLoader(stream, workers, pin_memory=False)
     seen = []
-    for x, y in loader.epoch(epoch):
-        seen += [(tuple(img.flatten()[:64].tolist()), int(label)) for img, label in zip(x, y)]
+    for x, _ in loader.epoch(epoch):
+        pixels = ((x[:, 0, 0, :2] * 0.5 + 0.5) * 255).round().long()
+        seen += (pixels[:, 0] * 256 + pixels[:, 1]).tolist()
     return seen
 
 
 def test_expand_urls_directory_pattern_and_missing(digits):
     assert len(expand_urls(str(digits))) == 6
     assert len(expand_urls(str(digits / "train-{000000..000003}.tar"))) == 4
-    with pytest.raises(FileNotFoundError, match="train-000009.tar"):
+    with pytest.raises(FileNotFoundError, match="train-000008.tar and 1 more"):
         expand_urls(str(digits / "train-{000008..000009}.tar"))
 
 
-def test_evaluation_sees_every_sample_exactly_once_across_2_ranks_x_2_workers(digits):
-    urls = expand_urls(str(digits / "val-{000000..000001}.tar"))
-    reference = keys_seen(ShardStream(urls, eval_transform(PRE), 10, 16, train=False), workers=0)
-    assert len(reference) == 359
-    union = []
-    for rank in range(2):
-        union += keys_seen(ShardStream(urls, eval_transform(PRE), 10, 16, train=False, rank=rank, world_size=2), workers=2)
-    assert collections.Counter(union) == collections.Counter(reference)
+VAL = range(900, 900 + 359)
 
 
-def test_evaluation_with_more_ranks_than_shards_is_still_exact(digits):
-    urls = expand_urls(str(digits / "val-{000000..000001}.tar"))
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_evaluation_sees_every_sample_exactly_once_for_any_world_size(indexed, world):
+    urls = expand_urls(str(indexed / "val-{000000..000001}.tar"))
     union = []
-    for rank in range(3):
-        union += keys_seen(ShardStream(urls, eval_transform(PRE), 10, 16, train=False, rank=rank, world_size=3), workers=2)
-    assert len(union) == 359
+    for rank in range(world):  # 3 ranks x 2 workers: more readers than shards
+        union += keys_seen(ShardStream(urls, eval_transform(PRE), 10, 16, train=False, rank=rank, world_size=world),
+                           workers=2)
+    assert sorted(union) == list(VAL)
 
 
 def _train_stream(urls, rank, world, batches, seed=0):
@@ -46,25 +66,28 @@ def _train_stream(urls, rank, world, batches, seed=0):
                        shuffle_buffer=100, batches_per_epoch=batches)
 
 
-def test_training_ranks_yield_the_same_number_of_batches_and_cover_the_epoch(digits):
-    urls = expand_urls(str(digits / "train-{000000..000003}.tar"))
-    batches = 1438 // (32 * 2)
+def test_training_ranks_yield_the_same_number_of_batches_without_duplicates(indexed):
+    urls = expand_urls(str(indexed / "train-{000000..000003}.tar"))  # 300/250/200/150 samples: uneven
+    batches = 900 // (32 * 2)
     per_rank = [keys_seen(_train_stream(urls, r, 2, batches), workers=2) for r in range(2)]
     assert [len(s) for s in per_rank] == [batches * 32, batches * 32]
-    # shards are dealt to ranks: nothing is seen by both, and nearly the whole epoch is seen
+    # shards are dealt to ranks: no sample reaches both
     assert not set(per_rank[0]) & set(per_rank[1])
-    assert len(set(per_rank[0]) | set(per_rank[1])) >= 0.95 * 1438
+    # with uneven shards a worker whose shard is smaller than its share of batches starts it
+    # over (samples repeat within the rank; exactly-once epochs are the shards issue's work),
+    # but no rank is ever short of batches and the larger shares are read without repeats
+    assert max(len(set(seen)) for seen in per_rank) == batches * 32
 
 
-def test_a_rank_whose_shards_run_dry_starts_over_instead_of_stopping(digits):
-    urls = expand_urls(str(digits / "train-{000000..000002}.tar"))  # 3 shards, 2 ranks: uneven
-    batches = 1078 // (32 * 2) + 3
+def test_a_rank_whose_shards_run_dry_starts_over_instead_of_stopping(indexed):
+    urls = expand_urls(str(indexed / "train-{000000..000002}.tar"))  # 3 shards, 2 ranks
+    batches = 750 // (32 * 2) + 5
     for rank in range(2):
         assert len(keys_seen(_train_stream(urls, rank, 2, batches), workers=2)) == batches * 32
 
 
-def test_order_is_a_function_of_seed_and_epoch(digits):
-    urls = expand_urls(str(digits / "train-{000000..000003}.tar"))
+def test_order_is_a_function_of_seed_and_epoch(indexed):
+    urls = expand_urls(str(indexed / "train-{000000..000003}.tar"))
     first = keys_seen(_train_stream(urls, 0, 1, 10), workers=2, epoch=0)
     again = keys_seen(_train_stream(urls, 0, 1, 10), workers=2, epoch=0)
     other = keys_seen(_train_stream(urls, 0, 1, 10), workers=2, epoch=1)

@@ -73,7 +73,7 @@ def test_missing_teacher_checkpoint_names_key_and_fix(digits, tmp_path):
 
 
 def test_missing_shards_named(digits, tmp_path):
-    with pytest.raises(RecipeError, match=r"`data.val`: shard not found: .*val-000007.tar"):
+    with pytest.raises(RecipeError, match=r"`data.val`: shard not found: .*val-000006.tar and 1 more"):
         load_recipe(write(tmp_path, digits, data__val=str(digits / "val-{000006..000007}.tar")))
 
 
