@@ -13,6 +13,7 @@ statistics and losses): its ``bf16`` mode casts whole modules, BatchNorm include
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import socket
@@ -78,7 +79,9 @@ def init_runtime(precision: str, zero_stage: int, threads: Optional[int] = None)
     state = PartialState(backend="nccl" if cuda else "gloo")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    # On CPU hosts DeepSpeed print()s "deepspeed_shm_comm_op built successfully" on every start.
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     bf16 = precision == "bf16" or (precision == "auto" and cuda and torch.cuda.is_bf16_supported())
     if cuda:
         torch.backends.cudnn.benchmark = True
