@@ -6,7 +6,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -90,7 +90,3 @@ def summary_table(summary: dict[str, Any]) -> str:
     lines.append(f"{'train images/s':<{width}}  {summary['images_per_s']:>7,.0f}")
     lines.append(f"{'wall time':<{width}}  {_duration(summary['wall_time_s']):>7}")
     return "\n".join(lines)
-
-
-def first(values: dict[str, Optional[float]]) -> Optional[float]:
-    return next(iter(values.values()), None)

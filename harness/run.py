@@ -20,8 +20,8 @@ import torch
 from harness import checkpoint
 from harness.build import build_distiller, build_student, build_teachers
 from harness.data import DataError, build_loaders
-from harness.engine import (Runtime, base_optimizer, build_engine, evaluate, init_runtime, shutdown,
-                            two_pass_bias_step)
+from harness.engine import (Runtime, all_reduce_sum, base_optimizer, build_engine, evaluate, init_runtime,
+                            shutdown, two_pass_bias_step)
 from harness.export import full_state_dict, save_student, student_config
 from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
 from harness.models import ModelError, preprocess_of
@@ -222,8 +222,6 @@ def anchor_value(inner, rt: Runtime) -> float:
     """The anchor term's value, summed over ZeRO partitions (stages 1-3 split the references)."""
     value = inner.anchor_value().to(rt.device).float().reshape(1)
     if rt.zero_stage > 0:
-        from harness.engine import all_reduce_sum
-
         all_reduce_sum(value)
     return value.item()
 
