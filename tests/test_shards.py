@@ -214,6 +214,21 @@ def test_devkit_alone_gives_the_leaf_classes_and_val_labels(fake, tmp_path):
     assert all(classes[label] == fake.wnid_of[key] for _, key, label, _ in read_shards(tmp_path / "out", "val"))
 
 
+def test_devkit_without_scipy_points_to_the_labels_file(fake, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy.io now raises ImportError
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
+        (source / name).symlink_to(fake.ilsvrc / name)
+    with tarfile.open(source / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:  # contents never parsed
+        _add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", b"MATLAB 5.0 MAT-file")
+        _add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", b"1\n")
+    err = _error(capsys, source, tmp_path / "out", "--splits", "val")
+    assert "ILSVRC2012_devkit_t12.tar.gz: reading its meta.mat needs scipy" in err and "--val-labels FILE" in err
+    assert write(source, tmp_path / "out", "--splits", "val", "--val-labels", str(fake.labels_file)) == 0
+
+
 def test_unique_keys_keep_imagenet_names_and_resolve_clashes():
     from shards.imagenet import unique_keys
 
