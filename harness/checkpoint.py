@@ -2,10 +2,10 @@
 
 One checkpoint per saved epoch under ``<output>/checkpoints/<tag>/``, written by DeepSpeed
 (every rank writes its own partitions) with a client-state dict that holds everything else
-needed to continue exactly: epoch, optimizer step, whether the teachers adapt, the two-pass
-bias optimizer, the teachers' as-loaded accuracy and the best accuracy so far. Data order
-and augmentation are pure functions of (seed, epoch, rank, worker), so an epoch-boundary
-resume replays nothing and skips nothing.
+needed to continue exactly: epoch, optimizer step, the data position within the epoch (see
+``data.Position``), whether the teachers adapt, the two-pass bias optimizer, the teachers'
+as-loaded accuracy and the best accuracy so far. Checkpoints are taken at epoch ends and, with
+``runtime.checkpoint_steps``, every N optimizer steps; a resume replays and skips nothing.
 """
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ def checkpoint_dir(output: str | Path) -> Path:
     return Path(output) / "checkpoints"
 
 
-def save(engine, output: str | Path, epoch: int, state: dict[str, Any]) -> Path:
-    """Save after ``epoch`` completed epochs; every rank must call it (ZeRO partitions)."""
-    tag = f"epoch{epoch:04d}"
+def save(engine, output: str | Path, tag: str, state: dict[str, Any]) -> Path:
+    """Save under ``tag``; every rank must call it (each writes its ZeRO partitions)."""
     engine.save_checkpoint(str(checkpoint_dir(output)), tag=tag, client_state={"harness": state})
     return checkpoint_dir(output) / tag
 

@@ -4,22 +4,29 @@ Design (after open_clip's ``data.py``, with the order made deterministic):
 
 * The shard order of an epoch is a pure function of ``(seed, epoch)``: every rerun sees the
   same order, every epoch a different one. Shards are dealt to ranks, then to loader workers.
-* Training: every rank yields exactly ``batches_per_epoch`` batches. A worker whose shards run
-  dry starts them again in a new order instead of stopping, so no rank ever reaches a
-  collective that the others have left (the classic multi-node hang).
+* Training: shards are dealt to ranks and workers balancing their sample counts (from the
+  shards' ``_info.json``), and every rank yields exactly the same number of full batches per
+  epoch, computed from those counts. A rank left short (skipped samples) tops up from a second
+  pass instead of stopping, so no rank reaches a collective that the others have left (the
+  classic multi-node hang).
+* A :class:`Position` (batches consumed, raw samples used per worker) lets a checkpoint resume
+  mid-epoch with the samples not yet seen, and each sample's augmentation is seeded by its key.
 * Evaluation: each validation sample is read exactly once across all ranks and workers, and the
   batch may be short; counts are summed across ranks, so accuracy is exact for any world size.
 """
 from __future__ import annotations
 
+import copy
 import glob
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import random
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -55,22 +62,6 @@ def expand_urls(pattern: str) -> list[str]:
     return urls
 
 
-def count_samples(urls: Sequence[str], split: str) -> Optional[int]:
-    """Sample count from a timm-style ``_info.json`` next to the shards, if there is one."""
-    info_path = Path(urls[0]).parent / "_info.json"
-    if "://" in urls[0] or not info_path.is_file():
-        return None
-    info = json.loads(info_path.read_text())
-    entry = info.get("splits", {}).get(split)
-    if not entry:
-        return None
-    names = {os.path.basename(u) for u in urls}
-    lengths = dict(zip(entry.get("filenames", []), entry.get("shard_lengths", [])))
-    if names <= set(lengths):
-        return sum(lengths[n] for n in names)
-    return entry.get("num_samples")
-
-
 @dataclass(frozen=True)
 class Preprocess:
     """What a model needs from an image: crop side, eval crop fraction, normalisation."""
@@ -94,12 +85,18 @@ def eval_transform(pre: Preprocess) -> T.Compose:
                       T.Normalize(pre.mean, pre.std)])
 
 
-def _decode(sample: dict, transform, num_classes: int) -> Optional[tuple[torch.Tensor, int]]:
-    """Image tensor and label of one tar sample, or None (logged) when it cannot be used."""
+def _decode(sample: dict, transform, num_classes: int, seed: int) -> Optional[tuple[torch.Tensor, int]]:
+    """Image tensor and label of one tar sample, or None (logged) when it cannot be used.
+
+    The augmentation's randomness is seeded from the sample itself, so a sample's crop depends
+    on (seed, epoch, key) alone: a resumed run crops exactly as an uninterrupted one.
+    """
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     try:
         key = next(k for k in IMAGE_KEYS if k in sample)
-        image = Image.open(io.BytesIO(sample[key])).convert("RGB")
+        image = Image.open(io.BytesIO(sample[key]))
+        image.load()
+        image = image.convert("RGB")
         label = int(sample["cls"])
     except (StopIteration, KeyError, ValueError, OSError) as e:
         log.warning("skipping unreadable sample %s: %s", where, e)
@@ -107,6 +104,7 @@ def _decode(sample: dict, transform, num_classes: int) -> Optional[tuple[torch.T
     if not 0 <= label < num_classes:
         log.warning("skipping sample %s: label %d outside [0, %d)", where, label, num_classes)
         return None
+    torch.manual_seed(zlib.crc32(f"{seed}:{sample.get('__key__')}".encode()))
     return transform(image), label
 
 
@@ -119,75 +117,149 @@ def _samples(urls: Sequence[str]) -> Iterator[dict]:
     yield from tarfile_samples(({"url": u} for u in urls), handler=warn)
 
 
-def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+def _deal(shards: Sequence[str], lengths: dict[str, int], bins: int) -> list[list[str]]:
+    """Deal shards to ``bins`` balancing sample counts: longest first, each to the lightest bin.
+
+    The sort is stable, so equal-length shards (all of a split but its last, as writers cut
+    them) keep the given, per-epoch shuffled order.
+    """
+    dealt: list[list[str]] = [[] for _ in range(bins)]
+    totals = [0] * bins
+    for shard in sorted(shards, key=lambda u: -lengths.get(u, 1)):
+        i = min(range(bins), key=lambda b: (totals[b], b))
+        dealt[i].append(shard)
+        totals[i] += lengths.get(shard, 1)
+    return dealt
+
+
+@dataclass
+class Position:
+    """Where an epoch stands: batches consumed, and per worker the raw samples they used.
+
+    The granularity of a resume is one batch: batches the loader had prefetched but the
+    trainer had not consumed are produced again, none consumed is produced twice.
+    """
+
+    epoch: int = 0
+    batches: int = 0
+    emitted: dict[int, int] = field(default_factory=dict)  # logical worker -> raw samples used
+    skipped: int = 0  # undecodable or mislabelled samples met so far this epoch
 
 
 class ShardStream(IterableDataset):
     """Batches from the shards this rank and worker own, for one epoch at a time.
 
-    ``set_epoch`` must be called before each iteration; workers are re-created per epoch, so
-    they see the new value.
+    Training: the epoch's shard order is a pure function of (seed, epoch); shards are dealt to
+    ranks and then to workers balancing their sample counts (from ``_info.json``), a shuffle
+    buffer mixes samples within a worker, and each worker yields only full batches. Every
+    rank's batch count for the epoch (:meth:`batches_in_epoch`) is the same, computed from the
+    shard lengths. Evaluation: every sample exactly once across ranks and workers.
     """
 
     def __init__(self, urls: Sequence[str], transform, num_classes: int, batch_size: int, *, train: bool,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
-                 batches_per_epoch: Optional[int] = None):
+                 lengths: Optional[dict[str, int]] = None, workers: int = 1):
         if train and len(urls) < world_size:
             raise DataError(f"{len(urls)} train shards cannot feed {world_size} ranks; write at least "
-                             f"{world_size} shards (one per rank) or use fewer processes")
+                            f"{world_size} shards (one per rank) or use fewer processes")
         self.urls, self.transform, self.num_classes = list(urls), transform, num_classes
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
-        self.batches_per_epoch = batches_per_epoch
-        self.epoch = 0
+        self.lengths = dict(lengths or {})
+        self.workers = max(workers, 1)
+        self.epoch, self.resume_from = 0, Position()
 
-    def set_epoch(self, epoch: int) -> None:
+    def start(self, epoch: int, position: Optional[Position] = None) -> None:
+        """Set the epoch (and a mid-epoch position to continue from) before iterating."""
         self.epoch = epoch
+        self.resume_from = position if position and position.epoch == epoch else Position(epoch=epoch)
 
-    def _worker(self) -> tuple[int, int]:
-        info = get_worker_info()
-        return (info.id, info.num_workers) if info else (0, 1)
+    # --- who reads what
 
-    def _rank_shards(self, cycle: int) -> list[str]:
-        """This rank's shards for the epoch; a rank that runs dry re-reads only its own, reshuffled."""
+    def _rank_shards(self, rank: int, cycle: int = 0) -> list[str]:
         urls = list(self.urls)
         if self.train:
             random.Random(hash((self.seed, self.epoch)) & 0xFFFFFFFF).shuffle(urls)
-        mine = urls[self.rank::self.world_size]
+            mine = _deal(urls, self.lengths, self.world_size)[rank]
+        else:
+            mine = urls[rank::self.world_size]
         if cycle:
-            random.Random(hash((self.seed, self.epoch, self.rank, cycle)) & 0xFFFFFFFF).shuffle(mine)
+            random.Random(hash((self.seed, self.epoch, rank, cycle)) & 0xFFFFFFFF).shuffle(mine)
         return mine
 
-    def _my_samples(self, cycle: int) -> Iterator[dict]:
-        """This rank's and worker's share: whole shards if there are enough, else every n-th sample."""
-        worker, workers = self._worker()
-        shards = self._rank_shards(cycle)
-        if len(shards) >= workers:
-            yield from _samples(shards[worker::workers])
-        else:
-            for i, sample in enumerate(_samples(shards)):
-                if i % workers == worker:
-                    yield sample
+    def _worker_plan(self, rank: int, cycle: int = 0) -> list[tuple[list[str], Optional[int]]]:
+        """Per logical worker: its shards, and a sample stride offset when shards are too few."""
+        shards = self._rank_shards(rank, cycle)
+        if len(shards) >= self.workers:
+            return [(part, None) for part in _deal(shards, self.lengths, self.workers)]
+        return [(shards, w) for w in range(self.workers)]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker, workers = self._worker()
-        stream_seed = hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF
-        torch.manual_seed(stream_seed)  # augmentation randomness: reproducible per (seed, epoch, rank, worker)
-        rng = random.Random(stream_seed)
-        if self.train:
-            # Each worker delivers its share of the rank's batches; the loader interleaves them.
-            quota = math.ceil(self.batches_per_epoch / workers) if self.batches_per_epoch else None
-            yield from self._batches(self._shuffled(self._endless(), rng), quota)
-        else:
-            yield from self._batches(self._my_samples(0), None)
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Full batches every rank can deliver this epoch: the minimum over ranks, same for all."""
+        saved, self.epoch = self.epoch, epoch
+        try:
+            counts = []
+            for rank in range(self.world_size):
+                total = 0
+                for shards, stride in self._worker_plan(rank):
+                    n = sum(self.lengths.get(s, 0) for s in shards)
+                    total += (n // self.workers if stride is not None else n) // self.batch_size
+                counts.append(total)
+            return min(counts)
+        finally:
+            self.epoch = saved
 
-    def _endless(self) -> Iterator[dict]:
-        for cycle in range(1 << 30):
-            if cycle >= 2 and self._decoded == 0:  # whole passes over our shards, nothing usable
-                raise DataError(f"rank {self.rank}: no readable training samples in its shards of "
-                                f"{len(self.urls)}; check them with the shard verifier")
-            yield from self._my_samples(cycle)
+    # --- the stream
+
+    def _worker(self) -> int:
+        """This process's logical worker id (rotated so a resume keeps the round-robin order)."""
+        info = get_worker_info()
+        physical = info.id if info else 0
+        return (physical + self.resume_from.batches) % self.workers
+
+    def _raw(self, worker: int, cycle: int) -> Iterator[dict]:
+        shards, stride = self._worker_plan(self.rank, cycle)[worker]
+        for i, sample in enumerate(_samples(shards)):
+            if stride is None or i % self.workers == stride:
+                yield sample
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]]:
+        worker = self._worker()
+        yield from self._worker_batches(worker, self._raw(worker, 0))
+
+    def extra_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]]:
+        """A second pass over this rank's shards, reshuffled: the reserve when samples were skipped."""
+        for cycle in range(1, 1 << 30):
+            produced = False
+            for batch in self._worker_batches(-1, (s for w in range(self.workers) for s in self._raw(w, cycle))):
+                produced = True
+                yield batch
+            if not produced:
+                raise DataError(f"rank {self.rank}: no readable training samples in its shards; "
+                                f"check them with `python -m shards.verify`")
+
+    def _worker_batches(self, worker: int, raw: Iterator[dict]):
+        """Shuffle, skip what a resumed epoch already used, decode, batch (full batches only in training)."""
+        rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF)
+        samples = self._shuffled(raw, rng) if self.train else raw
+        emitted = skipped = 0
+        for _ in range(self.resume_from.emitted.get(worker, 0)):  # already trained on: not decoded
+            if next(samples, None) is None:
+                return
+            emitted += 1
+        items: list[tuple[torch.Tensor, int]] = []
+        for sample in samples:
+            emitted += 1
+            item = _decode(sample, self.transform, self.num_classes, hash((self.seed, self.epoch)) & 0xFFFFFFFF)
+            if item is None:
+                skipped += 1
+                continue
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield (*_collate(items), (worker, emitted, skipped))
+                items, skipped = [], 0
+        if items and not self.train:
+            yield (*_collate(items), (worker, emitted, skipped))
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
@@ -204,64 +276,88 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    _decoded = 0
 
-    def _batches(self, samples: Iterator[dict], quota: Optional[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        items, produced = [], 0
-        for sample in samples:
-            if quota is not None and produced >= quota:
-                return
-            item = _decode(sample, self.transform, self.num_classes)
-            if item is None:
-                continue
-            self._decoded += 1
-            items.append(item)
-            if len(items) == self.batch_size:
-                yield _collate(items)
-                items, produced = [], produced + 1
-        if items and not self.train:
-            yield _collate(items)
+def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
 
 class EpochLoader:
-    """A DataLoader over a :class:`ShardStream` that yields exactly ``len(self)`` batches (train)."""
+    """A DataLoader over a :class:`ShardStream` that tracks its :class:`Position`.
 
-    def __init__(self, stream: ShardStream, workers: int, pin_memory: bool):
-        self.stream = stream
+    In training it yields exactly ``batches_in_epoch(epoch)`` batches on every rank; should
+    skipped samples leave a rank short, it tops up from a reshuffled second pass rather than
+    end early and leave the other ranks waiting in a collective.
+    """
+
+    def __init__(self, stream: ShardStream, workers: int, pin_memory: bool, multiple_of: int = 1):
+        self.stream, self.multiple_of = stream, multiple_of
+        stream.workers = max(workers, 1)
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=4 if workers else None, persistent_workers=False)
+        self.position = Position()
 
-    def __len__(self) -> int:
-        return self.stream.batches_per_epoch or 0
+    def batches_in_epoch(self, epoch: int) -> Optional[int]:
+        if not self.stream.train:
+            return None
+        n = self.stream.batches_in_epoch(epoch)
+        return n - n % self.multiple_of  # whole optimizer steps only
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.stream.set_epoch(epoch)
-        limit = self.stream.batches_per_epoch
-        for i, batch in enumerate(self.loader):
-            if limit is not None and i >= limit:
-                break
-            yield batch
+    def epoch(self, epoch: int, resume: Optional[Position] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.stream.start(epoch, resume)
+        self.position = copy.deepcopy(self.stream.resume_from)
+        limit = self.batches_in_epoch(epoch)
+        batches = iter(self.loader)
+        if limit is not None:
+            batches = itertools.chain(batches, self._top_up())
+        while limit is None or self.position.batches < limit:
+            item = next(batches, None)
+            if item is None:
+                return
+            x, y, (worker, emitted, skipped) = item
+            self.position.batches += 1
+            if worker >= 0:
+                self.position.emitted[worker] = emitted
+            self.position.skipped += skipped
+            yield x, y
+
+    def _top_up(self):
+        log.warning("rank %d ran short of samples this epoch (skipped samples?); topping up from a second "
+                    "pass over its shards", self.stream.rank)
+        yield from self.stream.extra_batches()
 
 
-def build_loaders(recipe, pre: Preprocess, rank: int, world_size: int, pin_memory: bool) -> tuple[EpochLoader, EpochLoader, int]:
-    """Train and validation loaders for this rank, and the train set size they assume."""
+def shard_lengths(urls: Sequence[str], split: str) -> dict[str, int]:
+    """Samples per shard URL from ``_info.json`` next to the shards ({} if there is none)."""
+    info_path = Path(urls[0]).parent / "_info.json"
+    if "://" in urls[0] or not info_path.is_file():
+        return {}
+    entry = json.loads(info_path.read_text()).get("splits", {}).get(split) or {}
+    by_name = dict(zip(entry.get("filenames", []), entry.get("shard_lengths", [])))
+    return {u: by_name[os.path.basename(u)] for u in urls if os.path.basename(u) in by_name}
+
+
+def build_loaders(recipe, pre: Preprocess, rank: int, world_size: int, pin_memory: bool,
+                  grad_accum: int = 1) -> tuple[EpochLoader, EpochLoader]:
+    """Train and validation loaders for this rank."""
     d = recipe.data
     try:
         train_urls, val_urls = expand_urls(d.train), expand_urls(d.val)
     except FileNotFoundError as e:
         raise DataError(str(e)) from None
-    train_samples = d.train_samples or count_samples(train_urls, "train")
-    if train_samples is None:
-        raise DataError(f"the train set size is unknown: no _info.json next to {train_urls[0]}; "
-                         f"set `data.train_samples` in the recipe")
-    batches = train_samples // (d.batch_size * world_size)
-    if batches == 0:
-        raise DataError(f"{train_samples} train samples are fewer than one global batch "
-                         f"({d.batch_size} x {world_size} ranks); lower `data.batch_size`")
+    lengths = shard_lengths(train_urls, "train")
+    if len(lengths) < len(train_urls):
+        if not d.train_samples:
+            raise DataError(f"the train set size is unknown: no _info.json listing the shards next to "
+                            f"{train_urls[0]}; write shards with `python -m shards.write` or set `data.train_samples`")
+        lengths = {u: d.train_samples // len(train_urls) for u in train_urls}  # an estimate; see EpochLoader
     seed = recipe.runtime.seed
     train = ShardStream(train_urls, train_transform(pre, d.augment.crop_scale, d.augment.crop_ratio, d.augment.hflip),
                         d.num_classes, d.batch_size, train=True, seed=seed, rank=rank, world_size=world_size,
-                        shuffle_buffer=d.shuffle_buffer, batches_per_epoch=batches)
+                        shuffle_buffer=d.shuffle_buffer, lengths=lengths)
     val = ShardStream(val_urls, eval_transform(pre), d.num_classes, d.batch_size, train=False,
                       rank=rank, world_size=world_size)
-    return EpochLoader(train, d.workers, pin_memory), EpochLoader(val, d.workers, pin_memory), train_samples
+    train_loader = EpochLoader(train, d.workers, pin_memory, multiple_of=grad_accum)
+    if train_loader.batches_in_epoch(0) == 0:
+        raise DataError(f"{sum(lengths.values())} train samples give no full batch of {d.batch_size} per loader "
+                        f"worker on {world_size} rank(s); lower `data.batch_size` or `data.workers`")
+    return train_loader, EpochLoader(val, d.workers, pin_memory)

@@ -147,6 +147,18 @@ def two_pass_bias_step(distiller, bias_opt: torch.optim.Optimizer, x: torch.Tens
     return loss.detach()
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    Each rank updates its statistics from its own batches; as with DDP's default, rank 0's are
+    the model's. Called before evaluation and export, so every rank evaluates, and the file
+    holds, the same model, and a resumed run (which restores rank 0's) ends exactly the same.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 class _Lockstep:
     """Under ZeRO-3 every forward is a collective: ranks with no batch left run a dummy one."""
 

@@ -106,22 +106,22 @@ def set_teachers_trainable(optimizer: torch.optim.Optimizer, trainable: bool) ->
 
 
 class LRSchedule:
-    """Per-optimizer-step learning-rate factor: linear warm-up, then step decay or cosine."""
+    """Learning-rate factor at a point of training measured in epochs (fractions allowed).
 
-    def __init__(self, schedule, steps_per_epoch: int):
+    Epochs may differ by a batch or two in length (shards are dealt per epoch), so the schedule
+    follows epoch progress, not a global step count: linear warm-up, then step decay or cosine.
+    """
+
+    def __init__(self, schedule):
         self.s = schedule
-        self.steps_per_epoch = steps_per_epoch
-        self.total = schedule.epochs * steps_per_epoch
-        self.warmup = int(round(schedule.warmup_epochs * steps_per_epoch))
 
-    def factor(self, step: int) -> float:
+    def factor(self, epoch: float) -> float:
         s = self.s
-        if step < self.warmup:
-            return s.warmup_factor + (1.0 - s.warmup_factor) * step / self.warmup
+        if epoch < s.warmup_epochs:
+            return s.warmup_factor + (1.0 - s.warmup_factor) * epoch / s.warmup_epochs
         if s.name == "step":
-            epoch = step // self.steps_per_epoch
             return s.gamma ** sum(epoch >= m for m in s.milestones)
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        progress = (epoch - s.warmup_epochs) / max(s.epochs - s.warmup_epochs, 1e-9)
         return s.min_lr_factor + (1 - s.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 

@@ -113,6 +113,7 @@ class Runtime(_Section):
     log_every: int = Field(20, gt=0, description="optimizer steps between metric records (losses are read from the device only then)")
     eval_every: int = Field(1, gt=0, description="epochs between evaluations (the last epoch is always evaluated)")
     checkpoint_every: int = Field(1, gt=0, description="epochs between resumable checkpoints (the last epoch always saves)")
+    checkpoint_steps: Optional[int] = Field(None, gt=0, description="also checkpoint every N optimizer steps mid-epoch (resumes at that batch); null: epoch ends only")
     threads: Optional[int] = Field(None, gt=0, description="torch CPU threads per process; null: torch's default")
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,9 +20,9 @@ import torch
 
 from harness import checkpoint
 from harness.build import build_distiller, build_student, build_teachers
-from harness.data import DataError, build_loaders
-from harness.engine import (Runtime, all_reduce_sum, base_optimizer, build_engine, evaluate, init_runtime,
-                            shutdown, two_pass_bias_step)
+from harness.data import DataError, Position, build_loaders
+from harness.engine import (Runtime, all_reduce_sum, base_optimizer, broadcast_buffers, build_engine, evaluate,
+                            init_runtime, shutdown, two_pass_bias_step)
 from harness.export import full_state_dict, save_student, student_config
 from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
 from harness.models import ModelError, preprocess_of
@@ -40,6 +41,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="continue the run in the recipe's output directory (its latest checkpoint, or the one given)")
     p.add_argument("--stop-after-epochs", type=int, default=None, metavar="N",
                    help="stop (checkpointed) after N epochs of this invocation, as a preemption would")
+    p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                   help="stop (checkpointed, mid-epoch) after N optimizer steps of this invocation")
     return p.parse_args(argv)
 
 
@@ -93,15 +96,14 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
     student, teachers = build_student(recipe), build_teachers(recipe)
     distiller = build_distiller(recipe, student, teachers)
     pre = preprocess_of(student, d.image_size, d.crop_pct, d.mean, d.std)
-    train_loader, val_loader, _ = build_loaders(recipe, pre, rt.rank, rt.world_size, rt.device.type == "cuda")
-    steps_per_epoch = len(train_loader) // rr.grad_accum
+    train_loader, val_loader = build_loaders(recipe, pre, rt.rank, rt.world_size, rt.device.type == "cuda", rr.grad_accum)
     global_batch = d.batch_size * rt.world_size * rr.grad_accum
     optimizer = build_optimizer(distiller.param_groups(), recipe.optim, m.anchor_weight)
     two_pass = m.name == "atsc" and m.bias_step == "two_pass"
     bias_opt = bias_optimizer(distiller.bias_parameters(), recipe.optim) if two_pass else None
     engine = build_engine(distiller, optimizer, rt, d.batch_size, rr.grad_accum, recipe.optim.grad_clip)
     inner = base_optimizer(engine)
-    schedule, lr0 = LRSchedule(recipe.schedule, steps_per_epoch), peak_lr(recipe.optim, global_batch)
+    schedule, lr0 = LRSchedule(recipe.schedule), peak_lr(recipe.optim, global_batch)
     eval_models = {"student": distiller.deployed(),
                    **{f"{i}:{t.model}": teacher for i, (t, teacher) in enumerate(zip(recipe.teachers, distiller.teachers))}}
 
@@ -111,17 +113,21 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
         log.write("resume", checkpoint=str(resume_from), epoch=state["epoch"], step=state["step"])
     else:
         loaded = evaluate({k: v for k, v in eval_models.items() if k != "student"}, val_loader.epoch(0), rt, d.image_size)
-        state = {"epoch": 0, "step": 0, "adapting": False, "teachers_loaded": loaded, "best_top1": 0.0, "last_eval": None}
+        state = {"epoch": 0, "step": 0, "position": None, "adapting": False, "teachers_loaded": loaded,
+                 "best_top1": 0.0, "last_eval": None}
         if loaded:
             log.write("eval", epoch=0, step=0, teachers_as_loaded=loaded)
     distiller.set_adapting(state["adapting"])
     set_teachers_trainable(inner, state["adapting"])
 
+    steps_per_epoch = train_loader.batches_in_epoch(0) // rr.grad_accum
     progress = Progress(recipe.schedule.epochs * steps_per_epoch, rt.is_main)
     progress.message(f"{recipe.name}: {m.name}, {len(teachers)} teacher(s), world size {rt.world_size}, "
-                     f"global batch {global_batch}, {steps_per_epoch} steps/epoch, ZeRO-{rr.zero_stage}, "
+                     f"global batch {global_batch}, about {steps_per_epoch} steps/epoch, ZeRO-{rr.zero_stage}, "
                      f"{'bf16' if rt.bf16 else 'fp32'} on {rt.device.type}")
-    images_per_s, epochs_run = 0.0, 0
+    loop = Loop(engine, distiller, inner, bias_opt, train_loader, schedule, lr0, recipe, rt, log, progress, out,
+                steps_per_epoch, args.stop_after_steps)
+    epochs_run = 0
     for epoch in range(state["epoch"], recipe.schedule.epochs):
         if m.name == "atsc" and epoch >= m.adapt_after and not state["adapting"]:
             inner.start_adaptation()  # fresh teacher optimizer state; W0 := the weights now
@@ -130,13 +136,14 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
             state["adapting"] = True
             log.write("adapt", epoch=epoch, step=state["step"])
         distiller.train()
-        torch.manual_seed(hash((rr.seed, epoch, rt.rank)) & 0xFFFFFFFF)  # dropout etc.: resumable per epoch
-        images_per_s = train_epoch(engine, distiller, train_loader, epoch, state, recipe, rt, schedule, lr0,
-                                   inner, bias_opt, log, progress)
-        state["epoch"] = epoch + 1
+        if not loop.train_epoch(epoch, state):
+            progress.message(f"stopped at step {state['step']} as asked (checkpointed); continue with --resume")
+            return state
+        state["epoch"], state["position"] = epoch + 1, None
         epochs_run += 1
         last = epoch + 1 == recipe.schedule.epochs
         if last or (epoch + 1) % rr.eval_every == 0:
+            broadcast_buffers(distiller)
             results = evaluate(eval_models, val_loader.epoch(0), rt, d.image_size)
             state["last_eval"] = results
             state["best_top1"] = max(state["best_top1"], results["student"]["top1"])
@@ -144,21 +151,20 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
             progress.message(f"epoch {epoch + 1}: " + ", ".join(f"{k} top-1 {v['top1']:.4f}" for k, v in results.items()))
         stopping = args.stop_after_epochs is not None and epochs_run >= args.stop_after_epochs
         if last or stopping or (epoch + 1) % rr.checkpoint_every == 0:
-            if bias_opt is not None:
-                state["bias_optimizer"] = bias_opt.state_dict()
-            checkpoint.save(engine, out, epoch + 1, state)
+            loop.save(state, f"epoch{epoch + 1:04d}")
         if stopping and not last:
             progress.message(f"stopped after epoch {epoch + 1} as asked; continue with --resume")
             return state
 
     # --- final evaluation, export, summary
+    broadcast_buffers(distiller)
     results = state["last_eval"] or evaluate(eval_models, val_loader.epoch(0), rt, d.image_size)
     student_state = full_state_dict(distiller.deployed(), rr.zero_stage)
     summary = {
         "recipe": recipe.name, "method": m.name, "world_size": rt.world_size,
         "student": results["student"], "student_path": "shared classifier" if m.name in ("simkd", "atsc") else "own head",
         "teachers": {k: {**v, "loaded_top1": state["teachers_loaded"][k]["top1"]} for k, v in results.items() if k != "student"},
-        "images_per_s": images_per_s, "wall_time_s": time.time() - wall_start, "epochs": recipe.schedule.epochs,
+        "images_per_s": loop.images_per_s, "wall_time_s": time.time() - wall_start, "epochs": recipe.schedule.epochs,
         "global_batch": global_batch,
     }
     if rt.is_main:
@@ -168,54 +174,86 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
     return state
 
 
-def train_epoch(engine, distiller, loader, epoch: int, state: dict, recipe: Recipe, rt: Runtime,
-                schedule: LRSchedule, lr0: float, inner, bias_opt, log: MetricsLog, progress: Progress) -> float:
-    """One epoch of optimizer steps; returns the epoch's training images per second."""
-    rr, epochs = recipe.runtime, recipe.schedule.epochs
-    images_per_micro = recipe.data.batch_size * rt.world_size
-    sums: dict[str, torch.Tensor] = {}
-    micro_steps, window_micro, window_wait = 0, 0, 0.0
-    epoch_start = window_start = time.perf_counter()
-    batches = iter(loader.epoch(epoch))
-    while True:
-        wait_start = time.perf_counter()
-        batch = next(batches, None)
-        window_wait += time.perf_counter() - wait_start
-        if batch is None:
-            break
-        x, y = (t.to(rt.device, non_blocking=True) for t in batch)
-        lr = lr0 * schedule.factor(state["step"])
-        set_lr(inner.param_groups, lr)
-        inner.track_anchor = distiller.adapting and (state["step"] + 1) % rr.log_every == 0
-        loss, terms = engine(x, y)
-        engine.backward(loss)
-        boundary = engine.is_gradient_accumulation_boundary()
-        engine.step()
-        micro_steps, window_micro = micro_steps + 1, window_micro + 1
-        terms = {"loss": loss, **terms}
-        if boundary and bias_opt is not None and distiller.adapting:
-            set_lr(bias_opt.param_groups, lr)
-            terms["bias_two_pass"] = two_pass_bias_step(distiller, bias_opt, x, y, rt)
-        for k, v in terms.items():  # summed on the device: no host sync per step
-            sums[k] = sums.get(k, 0) + v.detach().float()
-        if not boundary:
-            continue
-        state["step"] += 1
-        if state["step"] % rr.log_every == 0:
-            now = time.perf_counter()
-            values = dict(zip(sums, (torch.stack(list(sums.values())) / window_micro).tolist()))
-            if distiller.adapting and any(g.get("anchor") for g in inner.param_groups):
-                values["anchor"] = anchor_value(inner, rt)
-            ips = images_per_micro * window_micro / (now - window_start)
-            remaining = epochs * schedule.steps_per_epoch - state["step"]
-            log.write("train", epoch=epoch, step=state["step"], lr=lr, images_per_s=round(ips, 1),
-                      data_wait=round(window_wait / (now - window_start), 4), memory_gb=round(memory_gb(rt.device), 3),
-                      **{k: round(v, 6) for k, v in values.items()})
-            progress.update(state["step"], epoch, epochs, values["loss"], ips,
-                            remaining * rr.grad_accum * (now - window_start) / window_micro)
-            sums, window_micro, window_wait, window_start = {}, 0, 0.0, now
-    elapsed = time.perf_counter() - epoch_start
-    return images_per_micro * micro_steps / elapsed if elapsed > 0 else math.nan
+class Loop:
+    """The training step loop of one epoch, with logging and mid-epoch checkpoints."""
+
+    def __init__(self, engine, distiller, inner, bias_opt, loader, schedule: LRSchedule, lr0: float, recipe: Recipe,
+                 rt: Runtime, log: MetricsLog, progress: Progress, out: Path, steps_per_epoch: int,
+                 stop_after_steps: Optional[int]):
+        self.engine, self.distiller, self.inner, self.bias_opt = engine, distiller, inner, bias_opt
+        self.loader, self.schedule, self.lr0, self.recipe, self.rt = loader, schedule, lr0, recipe, rt
+        self.log, self.progress, self.out = log, progress, out
+        self.steps_per_epoch, self.stop_at = steps_per_epoch, None
+        self.stop_after_steps = stop_after_steps
+        self.images_per_s = math.nan
+
+    def save(self, state: dict, tag: str) -> None:
+        if self.bias_opt is not None:
+            state["bias_optimizer"] = self.bias_opt.state_dict()
+        checkpoint.save(self.engine, self.out, tag, state)
+
+    def train_epoch(self, epoch: int, state: dict) -> bool:
+        """Train one epoch (or its rest, after a mid-epoch resume); False if asked to stop early."""
+        rr, epochs, rt = self.recipe.runtime, self.recipe.schedule.epochs, self.rt
+        if self.stop_after_steps is not None and self.stop_at is None:
+            self.stop_at = state["step"] + self.stop_after_steps
+        resume = Position(**state["position"]) if state.get("position") else None
+        batches_total = self.loader.batches_in_epoch(epoch)
+        images_per_micro = self.recipe.data.batch_size * rt.world_size
+        sums: dict[str, torch.Tensor] = {}
+        micro_steps, window_micro, window_wait = 0, 0, 0.0
+        epoch_start = window_start = time.perf_counter()
+        batches = iter(self.loader.epoch(epoch, resume))
+        while True:
+            wait_start = time.perf_counter()
+            batch = next(batches, None)
+            window_wait += time.perf_counter() - wait_start
+            if batch is None:
+                break
+            x, y = (t.to(rt.device, non_blocking=True) for t in batch)
+            # dropout and friends: a function of (seed, epoch, batch, rank), so a resume replays it
+            torch.manual_seed(hash((rr.seed, epoch, self.loader.position.batches, rt.rank)) & 0xFFFFFFFF)
+            lr = self.lr0 * self.schedule.factor(epoch + self.loader.position.batches / batches_total)
+            set_lr(self.inner.param_groups, lr)
+            self.inner.track_anchor = self.distiller.adapting and (state["step"] + 1) % rr.log_every == 0
+            loss, terms = self.engine(x, y)
+            self.engine.backward(loss)
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            self.engine.step()
+            micro_steps, window_micro = micro_steps + 1, window_micro + 1
+            terms = {"loss": loss, **terms}
+            if boundary and self.bias_opt is not None and self.distiller.adapting:
+                set_lr(self.bias_opt.param_groups, lr)
+                terms["bias_two_pass"] = two_pass_bias_step(self.distiller, self.bias_opt, x, y, rt)
+            for k, v in terms.items():  # summed on the device: no host sync per step
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            if not boundary:
+                continue
+            state["step"] += 1
+            if state["step"] % rr.log_every == 0:
+                now = time.perf_counter()
+                values = dict(zip(sums, (torch.stack(list(sums.values())) / window_micro).tolist()))
+                if self.distiller.adapting and any(g.get("anchor") for g in self.inner.param_groups):
+                    values["anchor"] = anchor_value(self.inner, rt)
+                ips = images_per_micro * window_micro / (now - window_start)
+                remaining = epochs * self.steps_per_epoch - state["step"]
+                self.log.write("train", epoch=epoch, step=state["step"], lr=lr, images_per_s=round(ips, 1),
+                               data_wait=round(window_wait / (now - window_start), 4),
+                               data_skipped=self.loader.position.skipped, memory_gb=round(memory_gb(rt.device), 3),
+                               **{k: round(v, 6) for k, v in values.items()})
+                self.progress.update(state["step"], epoch, epochs, values["loss"], ips,
+                                     remaining * rr.grad_accum * (now - window_start) / window_micro)
+                sums, window_micro, window_wait, window_start = {}, 0, 0.0, now
+            stop = self.stop_at is not None and state["step"] >= self.stop_at
+            if stop or (rr.checkpoint_steps and state["step"] % rr.checkpoint_steps == 0):
+                if self.loader.position.batches < batches_total:  # at the epoch's end, the epoch save follows
+                    state["position"] = asdict(self.loader.position)
+                    self.save(state, f"epoch{epoch:04d}-step{state['step']:08d}")
+                    if stop:
+                        return False
+        elapsed = time.perf_counter() - epoch_start
+        self.images_per_s = images_per_micro * micro_steps / elapsed if elapsed > 0 else math.nan
+        return True
 
 
 def anchor_value(inner, rt: Runtime) -> float:

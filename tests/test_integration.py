@@ -93,9 +93,11 @@ def test_zero_stages_2_and_3_reach_the_same_losses(zero_runs):
 
 def test_resume_mid_run_gives_the_same_final_weights(work, digits, teacher, zero_runs):
     recipe = atsc_recipe(work, digits, teacher, "atsc-resumed", 2)
-    first = launch([str(recipe), "--stop-after-epochs", "2"], cwd=work, processes=2)
+    # 22 steps per epoch: stop in the middle of the second epoch, the first with adapted teachers
+    first = launch([str(recipe), "--stop-after-steps", "30"], cwd=work, processes=2)
     assert first.returncode == 0
     assert not (work / "atsc-resumed" / "student.safetensors").exists()
+    assert (work / "atsc-resumed" / "checkpoints" / "latest").read_text().strip() == "epoch0001-step00000030"
     again = launch([str(recipe)], cwd=work, processes=2)  # no --resume: refused, nothing overwritten
     assert again.returncode != 0 and "pass --resume" in again.stderr
     second = launch([str(recipe), "--resume"], cwd=work, processes=2)
