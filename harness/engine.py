@@ -177,7 +177,8 @@ class _Lockstep:
                 return
             if batch is None:
                 if dummy is None:
-                    dummy = (torch.zeros(1, 3, self.image_size, self.image_size), torch.zeros(1, dtype=torch.long))
+                    dummy = (torch.zeros(1, 3, self.image_size, self.image_size, device=self.rt.device),
+                             torch.zeros(1, dtype=torch.long, device=self.rt.device))
                 yield dummy, False
             else:
                 yield batch, True
@@ -191,7 +192,6 @@ def evaluate(models: dict[str, nn.Module], loader: Iterable, rt: Runtime, image_
     counts = torch.zeros(len(models), 2, dtype=torch.float64, device=rt.device)
     seen = torch.zeros(1, dtype=torch.float64, device=rt.device)
     for (x, y), real in _Lockstep(loader, rt, image_size):
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         for i, model in enumerate(models.values()):
             with rt.autocast():
                 logits = model(x)

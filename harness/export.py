@@ -4,7 +4,7 @@ Inference, three lines::
 
     from harness.export import load_student
     model = load_student("runs/demo/student.safetensors")    # eval mode, CPU
-    logits = model(images)   # images preprocessed as model.preprocess says
+    logits = model(model.prepare([Image.open("digit.png")]))   # PIL images: resize, crop, normalise
 
 For ``simkd``/``atsc`` the file holds the student backbone, every projector P_k and every
 adapted teacher classifier C_k; for ``supervised``/``kd`` it is the plain timm model, whose
@@ -12,6 +12,7 @@ weights also load as a teacher ``checkpoint`` in a later recipe.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from harness.data import Preprocess
+from harness.data import Preprocess, eval_transform, normalize
 from harness.method import ConvProjector, MLPProjector, SharedClassifierStudent
 
 FORMAT = "harness.student/1"
@@ -96,10 +97,22 @@ def build_from_config(config: dict[str, Any]) -> nn.Module:
                                    spec["teacher_weights"])
 
 
+def prepare_images(images: list, pre: Preprocess) -> torch.Tensor:
+    """PIL images to the model's input batch: the evaluation resize, center crop and normalisation."""
+    crop = eval_transform(pre)
+    return normalize(torch.stack([crop(image.convert("RGB")) for image in images]), pre)
+
+
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The exported student in eval mode; ``model.preprocess`` gives size, crop and normalisation."""
+    """The exported student in eval mode.
+
+    ``model.preprocess`` gives size, crop and normalisation; ``model.prepare(pil_images)``
+    applies them, exactly as the in-training evaluation does.
+    """
     config = read_config(path)
     model = build_from_config(config)
     model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
-    model.preprocess = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["preprocess"].items()})
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["preprocess"].items()})
+    model.preprocess = pre
+    model.prepare = functools.partial(prepare_images, pre=pre)
     return model.to(device).eval()

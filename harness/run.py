@@ -96,7 +96,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
     student, teachers = build_student(recipe), build_teachers(recipe)
     distiller = build_distiller(recipe, student, teachers)
     pre = preprocess_of(student, d.image_size, d.crop_pct, d.mean, d.std)
-    train_loader, val_loader = build_loaders(recipe, pre, rt.rank, rt.world_size, rt.device.type == "cuda", rr.grad_accum)
+    train_loader, val_loader = build_loaders(recipe, pre, rt.rank, rt.world_size, rt.device, rr.grad_accum)
     global_batch = d.batch_size * rt.world_size * rr.grad_accum
     optimizer = build_optimizer(distiller.param_groups(), recipe.optim, m.anchor_weight)
     two_pass = m.name == "atsc" and m.bias_step == "two_pass"
@@ -210,7 +210,7 @@ class Loop:
             window_wait += time.perf_counter() - wait_start
             if batch is None:
                 break
-            x, y = (t.to(rt.device, non_blocking=True) for t in batch)
+            x, y = batch  # on the device, normalised
             # dropout and friends: a function of (seed, epoch, batch, rank), so a resume replays it
             torch.manual_seed(hash((rr.seed, epoch, self.loader.position.batches, rt.rank)) & 0xFFFFFFFF)
             lr = self.lr0 * self.schedule.factor(epoch + self.loader.position.batches / batches_total)

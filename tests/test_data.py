@@ -33,7 +33,7 @@ def indexed(tmp_path_factory):
 
 def keys_seen(stream: ShardStream, workers: int, epoch: int = 0) -> list[int]:
     """The sample indices the stream delivered, in order."""
-    loader = EpochLoader(stream, workers, pin_memory=False)
+    loader = EpochLoader(stream, workers, pin_memory=False, pre=PRE)
     seen = []
     for x, _ in loader.epoch(epoch):
         seen += _indices(x)
@@ -78,7 +78,7 @@ def _train_stream(indexed, rank, world, shards=4, seed=0):
 def test_ranks_yield_the_same_number_of_batches_with_no_sample_twice(indexed):
     for epoch in range(3):
         per_rank = [keys_seen(_train_stream(indexed, r, 2), workers=2, epoch=epoch) for r in range(2)]
-        n = EpochLoader(_train_stream(indexed, 0, 2), 2, pin_memory=False).batches_in_epoch(epoch)
+        n = EpochLoader(_train_stream(indexed, 0, 2), 2, pin_memory=False, pre=PRE).batches_in_epoch(epoch)
         assert n >= 12  # 900 samples over 2 ranks x 2 workers, batch 32: at most a batch lost per worker
         assert [len(s) for s in per_rank] == [n * 32, n * 32]
         union = per_rank[0] + per_rank[1]
@@ -89,7 +89,7 @@ def test_ranks_yield_the_same_number_of_batches_with_no_sample_twice(indexed):
 def test_a_rank_left_short_tops_up_instead_of_ending_early(indexed, caplog):
     stream = _train_stream(indexed, 0, 2)
     stream.lengths = {u: 2 * n for u, n in stream.lengths.items()}  # _info.json promises more than there is
-    loader = EpochLoader(stream, 2, pin_memory=False)
+    loader = EpochLoader(stream, 2, pin_memory=False, pre=PRE)
     n = loader.batches_in_epoch(0)
     assert sum(1 for _ in loader.epoch(0)) == n
     assert "topping up" in caplog.text
@@ -97,7 +97,7 @@ def test_a_rank_left_short_tops_up_instead_of_ending_early(indexed, caplog):
 
 def test_resume_mid_epoch_continues_with_exactly_the_unseen_samples(indexed):
     straight = keys_seen(_train_stream(indexed, 1, 2), workers=2, epoch=1)
-    loader = EpochLoader(_train_stream(indexed, 1, 2), 2, pin_memory=False)
+    loader = EpochLoader(_train_stream(indexed, 1, 2), 2, pin_memory=False, pre=PRE)
     first = []
     for i, (x, _) in enumerate(loader.epoch(1)):
         first += _indices(x)
@@ -105,7 +105,7 @@ def test_resume_mid_epoch_continues_with_exactly_the_unseen_samples(indexed):
             break
     position = loader.position
     assert position.batches == 5
-    resumed = EpochLoader(_train_stream(indexed, 1, 2), 2, pin_memory=False)
+    resumed = EpochLoader(_train_stream(indexed, 1, 2), 2, pin_memory=False, pre=PRE)
     rest = []
     for x, _ in resumed.epoch(1, position):
         rest += _indices(x)
@@ -139,7 +139,7 @@ def test_corrupt_sample_is_skipped_and_the_run_goes_on(tmp_path, digits, caplog)
         sink.write({"__key__": "broken", "png": b"not an image", "cls": 1})
         sink.write({"__key__": "badlabel", "png": buf.getvalue(), "cls": 99})
     stream = ShardStream([str(shard)], eval_transform(PRE), 10, 4, train=False)
-    loader = EpochLoader(stream, 0, pin_memory=False)
+    loader = EpochLoader(stream, 0, pin_memory=False, pre=PRE)
     assert sum(len(y) for _, y in loader.epoch(0)) == 10
     assert loader.position.skipped == 2
     assert "broken" in caplog.text and "badlabel" in caplog.text

@@ -116,7 +116,7 @@ def test_exported_student_reproduces_the_evaluation(zero_runs, digits):
                          train=False)
     correct = total = 0
     with torch.no_grad():
-        for x, y in EpochLoader(stream, 0, False).epoch(0):
+        for x, y in EpochLoader(stream, 0, False, model.preprocess).epoch(0):
             correct += (model(x).argmax(-1) == y).sum().item()
             total += len(y)
     assert total == 359

@@ -341,7 +341,7 @@ def test_harness_shard_stream_reads_timm_convention_shards(written):
     urls = expand_urls(str(written / "val-{000000..000002}.tar"))
     pre = Preprocess(image_size=16, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     stream = ShardStream(urls, eval_transform(pre), len(WNIDS), 8, train=False)
-    labels = [y for _, ys in EpochLoader(stream, workers=0, pin_memory=False).epoch(0) for y in ys.tolist()]
+    labels = [y for _, ys in EpochLoader(stream, workers=0, pin_memory=False, pre=pre).epoch(0) for y in ys.tolist()]
     assert labels == [label for _, _, label, _ in read_shards(written, "val")]
 
 
