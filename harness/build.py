@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from harness import models
-from harness.method import KD, Distiller, SimKD, Supervised
+from harness.data import Preprocess
+from harness.method import KD, Distiller, InputView, SimKD, Supervised
 from harness.recipe import Recipe
 
 
@@ -34,18 +35,22 @@ def _feature_shape(model: nn.Module, kind: str, image_size: int) -> tuple[int, t
     return model.forward_head(raw, pre_logits=True).shape[-1], None
 
 
-def build_distiller(recipe: Recipe, student: nn.Module, teachers: list[nn.Module]) -> Distiller:
+def build_distiller(recipe: Recipe, student: nn.Module, teachers: list[nn.Module], pre: Preprocess) -> Distiller:
+    """The recipe's method over these models; ``pre`` is the student's preprocessing."""
     m, size = recipe.method, recipe.data.image_size
     if m.name == "supervised":
         return Supervised(student, label_smoothing=m.label_smoothing)
+    teacher_pres = [models.teacher_preprocess(t, model, pre) for t, model in zip(recipe.teachers, teachers)]
+    views = [InputView(pre, t_pre) for t_pre in teacher_pres]
     if m.name == "kd":
         return KD(student, teachers[0], alpha=m.kd_weight, temperature=m.temperature, ce_weight=m.ce_weight,
-                  label_smoothing=m.label_smoothing)
+                  label_smoothing=m.label_smoothing, view=views[0])
     student_kind = models.feature_kind(student, size)
     taps, student_dims, teacher_dims, teacher_sizes = [], [], [], []
-    for teacher in teachers:
-        kind = "map" if student_kind == "map" and models.feature_kind(teacher, size) == "map" else "vector"
-        t_dim, t_size = _feature_shape(teacher, kind, size)
+    for teacher, t_pre in zip(teachers, teacher_pres):
+        t_size = t_pre.image_size
+        kind = "map" if student_kind == "map" and models.feature_kind(teacher, t_size) == "map" else "vector"
+        t_dim, t_size = _feature_shape(teacher, kind, t_size)
         s_dim, _ = _feature_shape(student, kind, size)
         taps.append(kind)
         teacher_dims.append(t_dim)
@@ -54,4 +59,5 @@ def build_distiller(recipe: Recipe, student: nn.Module, teachers: list[nn.Module
     return SimKD(student, teachers, taps, student_dims, teacher_dims, teacher_sizes,
                  [t.weight for t in recipe.teachers], factor=m.projector_factor, feature_weight=m.feature_weight,
                  ce_weight=m.ce_weight, kd_weight=m.kd_weight, temperature=m.temperature,
-                 fused_bias=m.bias_step == "fused", adapt=m.name == "atsc", label_smoothing=m.label_smoothing)
+                 fused_bias=m.bias_step == "fused", adapt=m.name == "atsc", label_smoothing=m.label_smoothing,
+                 views=views)

@@ -112,6 +112,43 @@ class FeatureTap:
         return model.forward_head(raw, pre_logits=True), raw
 
 
+# ----------------------------------------------------------------------------- teacher inputs
+
+
+class InputView(nn.Module):
+    """A teacher's view of the student's input: the same crop, resized and renormalised for it.
+
+    Input is normalised with the student's mean/std; a teacher trained with another mean/std
+    or resolution gets ``(x * std_s + mean_s - mean_t) / std_t``, resized to its side. The
+    identity when nothing differs.
+    """
+
+    def __init__(self, student_pre, teacher_pre):
+        super().__init__()
+        s_mean, s_std = torch.tensor(student_pre.mean), torch.tensor(student_pre.std)
+        t_mean, t_std = torch.tensor(teacher_pre.mean), torch.tensor(teacher_pre.std)
+        self.register_buffer("scale", (s_std / t_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, 3, 1, 1), persistent=False)
+        self.renormalise = not (torch.allclose(s_mean, t_mean) and torch.allclose(s_std, t_std))
+        self.size = teacher_pre.image_size if teacher_pre.image_size != student_pre.image_size else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is not None:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return x * self.scale + self.shift if self.renormalise else x
+
+
+class ViewedTeacher(nn.Module):
+    """A teacher with its input view, for evaluating it on the student's input batches."""
+
+    def __init__(self, view: InputView, teacher: nn.Module):
+        super().__init__()
+        self.view, self.teacher = view, teacher
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(self.view(x))
+
+
 # ----------------------------------------------------------------------------- methods
 
 
@@ -121,10 +158,15 @@ class Distiller(nn.Module):
     student: nn.Module
     teachers: nn.ModuleList
 
-    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module] = ()):
+    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module] = (), views: Sequence[nn.Module] = ()):
         super().__init__()
         self.student = student
         self.teachers = nn.ModuleList(teachers)
+        self.views = nn.ModuleList(views or [nn.Identity() for _ in teachers])
+
+    def viewed_teachers(self) -> list[nn.Module]:
+        """Each teacher behind its input view: what evaluating a teacher on student batches needs."""
+        return [ViewedTeacher(v, t) for v, t in zip(self.views, self.teachers)]
 
     # Whether the teachers are being adapted (trained). Frozen teachers run in eval mode under
     # no_grad: exactly SimKD / KD, no teacher graph, no teacher gradients.
@@ -140,9 +182,9 @@ class Distiller(nn.Module):
         self.adapting = adapting
         self.train(self.training)
 
-    def teacher_forward(self, teacher: nn.Module, tap: FeatureTap, x: torch.Tensor):
+    def teacher_forward(self, k: int, tap: FeatureTap, x: torch.Tensor):
         with torch.set_grad_enabled(self.adapting and torch.is_grad_enabled()):
-            return tap(teacher, x)
+            return tap(self.teachers[k], self.views[k](x))
 
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups, each tagged with its role (see optim.build_optimizer)."""
@@ -178,8 +220,8 @@ class KD(Distiller):
     """Hinton et al.: ce_weight * CE + alpha * T^2 KL(teacher || student); the teacher is frozen."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, alpha: float, temperature: float,
-                 ce_weight: float, label_smoothing: float = 0.0):
-        super().__init__(student, [teacher])
+                 ce_weight: float, label_smoothing: float = 0.0, view: Optional[nn.Module] = None):
+        super().__init__(student, [teacher], [view] if view is not None else ())
         teacher.requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
         self.ce_weight = ce_weight
@@ -188,7 +230,7 @@ class KD(Distiller):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Terms]:
         logits = self.student(x)
         with torch.no_grad():
-            teacher_logits = self.teachers[0](x)
+            teacher_logits = self.teachers[0](self.views[0](x))
         ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         kl = kl_loss(logits, teacher_logits, self.temperature)
         return self.ce_weight * ce + self.alpha * kl, {"ce": ce, "kl": kl}
@@ -250,8 +292,8 @@ class SimKD(Distiller):
                  teacher_sizes: Sequence[Optional[tuple[int, int]]], teacher_weights: Sequence[float], *,
                  factor: int = 2, feature_weight: float = 1.0, ce_weight: float = 0.0, kd_weight: float = 0.0,
                  temperature: float = 4.0, fused_bias: bool = True, adapt: bool = False,
-                 label_smoothing: float = 0.0):
-        super().__init__(student, teachers)
+                 label_smoothing: float = 0.0, views: Sequence[nn.Module] = ()):
+        super().__init__(student, teachers, views)
         projectors = nn.ModuleList(
             ConvProjector(s, t, factor) if tap == "map" else MLPProjector(s, t, factor)
             for tap, s, t in zip(taps, student_dims, teacher_dims))
@@ -290,8 +332,8 @@ class SimKD(Distiller):
         raw_s = self.student.forward_features(x)
         projected, teacher_logits, terms = [], [], {}
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
-        for k, (teacher, tap) in enumerate(zip(self.teachers, self.taps)):
-            h_t, _ = self.teacher_forward(teacher, tap, x)
+        for k, tap in enumerate(self.taps):
+            h_t, _ = self.teacher_forward(k, tap, x)
             z = self.shared.project(raw_s, k)
             if z.dim() == 4:
                 z, h_t = align_maps(z, h_t)
@@ -319,9 +361,9 @@ class SimKD(Distiller):
     def bias_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The authors' second pass: a fresh teacher forward whose CE can move only the biases."""
         total = torch.zeros((), device=x.device, dtype=torch.float32)
-        for teacher, tap, classifier in zip(self.teachers, self.taps, self.shared.classifiers):
+        for teacher, view, tap, classifier in zip(self.teachers, self.views, self.taps, self.shared.classifiers):
             with torch.no_grad():
-                h_t, _ = tap(teacher, x)
+                h_t, _ = tap(teacher, view(x))
             total = total + bias_only_loss(pooled(h_t), classifier, y)
         return total
 

@@ -6,6 +6,7 @@ and its final linear classifier (``get_classifier()``).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -79,6 +80,26 @@ def preprocess_of(model: nn.Module, image_size: int, crop_pct: Optional[float] =
     return Preprocess(image_size=image_size, crop_pct=crop_pct or cfg.get("crop_pct", 0.875),
                       mean=tuple(mean or cfg.get("mean", (0.485, 0.456, 0.406))),
                       std=tuple(std or cfg.get("std", (0.229, 0.224, 0.225))))
+
+
+def exported_preprocess(checkpoint: Optional[str]) -> Optional[dict]:
+    """The preprocessing recorded in a checkpoint this harness exported, if it is one."""
+    if not checkpoint or not checkpoint.endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(checkpoint, framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["harness"]).get("preprocess") if "harness" in meta else None
+
+
+def teacher_preprocess(teacher, model: nn.Module, student_pre: Preprocess) -> Preprocess:
+    """What the teacher expects: the recipe's values, else its export record, else timm's config."""
+    recorded = exported_preprocess(teacher.checkpoint) or {}
+    cfg = model.pretrained_cfg
+    return Preprocess(image_size=teacher.image_size or student_pre.image_size, crop_pct=student_pre.crop_pct,
+                      mean=tuple(teacher.mean or recorded.get("mean") or cfg.get("mean", student_pre.mean)),
+                      std=tuple(teacher.std or recorded.get("std") or cfg.get("std", student_pre.std)))
 
 
 @torch.no_grad()

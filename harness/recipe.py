@@ -62,6 +62,9 @@ class Teacher(_Section):
     hub: Optional[str] = Field(None, description="Hugging Face hub id (e.g. 'timm/resnet34.a1_in1k') for hosts with network")
     weight: float = Field(1.0, gt=0, description="a_k: weight of this teacher's classifier in the student's prediction (normalised over teachers)")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for timm.create_model")
+    image_size: Optional[int] = Field(None, gt=0, description="side the teacher sees (the student's crop, resized); null: `data.image_size`")
+    mean: Optional[tuple[float, float, float]] = Field(None, description="the teacher's normalisation mean; null: from its checkpoint if this harness exported it, else timm's pretrained_cfg")
+    std: Optional[tuple[float, float, float]] = Field(None, description="the teacher's normalisation std; null: as `mean`")
 
     @model_validator(mode="after")
     def _one_source(self) -> "Teacher":

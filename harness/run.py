@@ -94,8 +94,8 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
     # --- models, method, data, engine
     torch.manual_seed(rr.seed)  # identical initialisation on every rank
     student, teachers = build_student(recipe), build_teachers(recipe)
-    distiller = build_distiller(recipe, student, teachers)
     pre = preprocess_of(student, d.image_size, d.crop_pct, d.mean, d.std)
+    distiller = build_distiller(recipe, student, teachers, pre)
     train_loader, val_loader = build_loaders(recipe, pre, rt.rank, rt.world_size, rt.device, rr.grad_accum)
     global_batch = d.batch_size * rt.world_size * rr.grad_accum
     optimizer = build_optimizer(distiller.param_groups(), recipe.optim, m.anchor_weight)
@@ -105,7 +105,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
     inner = base_optimizer(engine)
     schedule, lr0 = LRSchedule(recipe.schedule), peak_lr(recipe.optim, global_batch)
     eval_models = {"student": distiller.deployed(),
-                   **{f"{i}:{t.model}": teacher for i, (t, teacher) in enumerate(zip(recipe.teachers, distiller.teachers))}}
+                   **{f"{i}:{t.model}": teacher for i, (t, teacher) in enumerate(zip(recipe.teachers, distiller.viewed_teachers()))}}
 
     # --- state: fresh or resumed
     if resume_from is not None:

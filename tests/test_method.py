@@ -7,12 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from harness.build import build_distiller
+from harness.data import Preprocess
 from harness.method import (ConvProjector, MLPProjector, SimKD, align_maps, bias_only_loss, feature_loss, kl_loss)
 from harness.models import feature_kind
 from harness.optim import build_optimizer, set_lr, set_teachers_trainable
 from harness.recipe import Recipe
 
 SIZE = 32
+# test_resnet's and test_vit's own normalisation: the teachers' views are the identity
+STUDENT_PRE = Preprocess(image_size=SIZE, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 def recipe(method: str = "atsc", teachers=("test_resnet",), **method_kw) -> Recipe:
@@ -58,7 +61,7 @@ def test_feature_kinds_of_cnn_and_token_models():
 
 def test_token_teacher_uses_mlp_projector_and_predicts():
     student, teachers = models(teachers=("test_resnet", "test_vit"))
-    d = build_distiller(recipe(teachers=("test_resnet", "test_vit")), student, teachers)
+    d = build_distiller(recipe(teachers=("test_resnet", "test_vit")), student, teachers, STUDENT_PRE)
     assert d.shared.student_taps == ["map", "vector"]
     assert isinstance(d.projectors[0], ConvProjector) and isinstance(d.projectors[1], MLPProjector)
     x, y = batch()
@@ -100,7 +103,7 @@ def test_bias_only_loss_by_hand_and_moves_only_the_bias():
 
 def test_atsc_loss_terms_match_hand_computation():
     student, teachers = models()
-    d = build_distiller(recipe(feature_weight=2.0), student, teachers)
+    d = build_distiller(recipe(feature_weight=2.0), student, teachers, STUDENT_PRE)
     d.set_adapting(True)
     d.train()
     x, y = batch()
@@ -118,7 +121,7 @@ def test_atsc_loss_terms_match_hand_computation():
 
 def test_adapting_teacher_is_not_detached_and_frozen_teacher_gets_no_gradient():
     student, teachers = models()
-    d = build_distiller(recipe(), student, teachers)
+    d = build_distiller(recipe(), student, teachers, STUDENT_PRE)
     x, y = batch()
     d.set_adapting(False)
     d.train()
@@ -146,7 +149,7 @@ def test_adapting_teacher_is_not_detached_and_frozen_teacher_gets_no_gradient():
 
 def test_anchor_touches_exactly_the_multidimensional_teacher_weights():
     student, teachers = models()
-    d = build_distiller(recipe(), student, teachers)
+    d = build_distiller(recipe(), student, teachers, STUDENT_PRE)
     opt_cfg = recipe().optim.model_copy(update={"momentum": 0.0, "weight_decay": 0.0})
     opt = build_optimizer(d.param_groups(), opt_cfg, anchor_weight=3.0)
     set_teachers_trainable(opt, True)
@@ -175,7 +178,7 @@ def test_anchor_touches_exactly_the_multidimensional_teacher_weights():
 
 def test_anchor_reference_survives_an_optimizer_state_round_trip():
     student, teachers = models()
-    d = build_distiller(recipe(), student, teachers)
+    d = build_distiller(recipe(), student, teachers, STUDENT_PRE)
     opt = build_optimizer(d.param_groups(), recipe().optim, anchor_weight=1.0)
     set_teachers_trainable(opt, True)
     opt.start_adaptation()
@@ -194,7 +197,7 @@ def test_anchor_reference_survives_an_optimizer_state_round_trip():
 def _one_step(bias_step: str):
     student, teachers = models()
     r = recipe(bias_step=bias_step)
-    d = build_distiller(r, student, teachers)
+    d = build_distiller(r, student, teachers, STUDENT_PRE)
     d.set_adapting(True)
     d.train()
     groups = d.param_groups()
@@ -227,3 +230,19 @@ def test_fused_and_two_pass_bias_steps_differ_only_in_the_bias_and_by_little():
             assert (step_fused - step_two).norm() <= 0.25 * step_fused.norm()
         else:
             assert torch.equal(p, two_params[name]), name
+
+
+def test_teacher_view_renormalises_and_resizes_the_same_crop():
+    from harness.method import InputView
+
+    student_pre = Preprocess(image_size=32, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    teacher_pre = Preprocess(image_size=48, crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    pixels = torch.rand(2, 3, 32, 32)
+    as_student = (pixels - 0.5) / 0.5
+    view = InputView(student_pre, teacher_pre)
+    out = view(as_student)
+    assert out.shape == (2, 3, 48, 48)
+    expected = (F.interpolate(pixels, size=(48, 48), mode="bilinear", antialias=True, align_corners=False)
+                - torch.tensor(teacher_pre.mean).view(1, 3, 1, 1)) / torch.tensor(teacher_pre.std).view(1, 3, 1, 1)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.equal(InputView(student_pre, student_pre)(as_student), as_student)
