@@ -9,20 +9,79 @@ as-loaded accuracy and the best accuracy so far. Checkpoints are taken at epoch 
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 
 def checkpoint_dir(output: str | Path) -> Path:
     return Path(output) / "checkpoints"
 
 
-def save(engine, output: str | Path, tag: str, state: dict[str, Any]) -> Path:
-    """Save under ``tag``; every rank must call it (each writes its ZeRO partitions)."""
-    engine.save_checkpoint(str(checkpoint_dir(output)), tag=tag, client_state={"harness": state})
-    return checkpoint_dir(output) / tag
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the previous, intact one."""
+
+
+def _agree(ok: bool, device) -> bool:
+    """True only if every rank says ok (a rank's failure must stop them all together)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int = 3) -> Path:
+    """Save under ``tag``, atomically; every rank must call it (each writes its ZeRO partitions).
+
+    The checkpoint is written as ``<tag>.partial`` and published, by a rename and the
+    ``latest`` pointer, only once every rank has written its part. A crash or a kill during the
+    save leaves the previous checkpoint as ``latest``. Then all but the newest ``keep``
+    checkpoints and the best (``state['best_tag']``) are removed.
+    """
+    root = checkpoint_dir(output)
+    partial = f"{tag}.partial"
+    error: Optional[BaseException] = None
+    try:
+        engine.save_checkpoint(str(root), tag=partial, client_state={"harness": state}, save_latest=False)
+    except (OSError, RuntimeError) as e:  # disk full, permissions, quota
+        error = e
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if not _agree(error is None, engine.device):
+        previous = latest(output)
+        if rank == 0:
+            shutil.rmtree(root / partial, ignore_errors=True)
+        raise CheckpointError(f"saving checkpoint {root / tag} failed{f' on rank {rank}: {error}' if error else ' on another rank'}; "
+                              f"the previous checkpoint {previous or '(none)'} is intact. Free space or fix permissions "
+                              f"under {root}, then continue with --resume")
+    if rank == 0:
+        if (root / tag).exists():
+            shutil.rmtree(root / tag)
+        os.replace(root / partial, root / tag)
+        _write_atomic(root / "latest", tag)
+        prune(root, keep, state.get("best_tag"))
+    if dist.is_initialized():
+        dist.barrier()
+    return root / tag
+
+
+def prune(root: Path, keep: int, best: Optional[str]) -> None:
+    """Remove published checkpoints beyond the newest ``keep`` (tags sort chronologically), and partials."""
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith(".partial"))
+    for tag in tags[:-keep] if keep > 0 else []:
+        if tag != best:
+            shutil.rmtree(root / tag, ignore_errors=True)
+    for partial in root.glob("*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def latest(output: str | Path) -> Optional[Path]:

@@ -50,7 +50,10 @@ class Runtime:
 def _quiet_libraries() -> None:
     """Silence library chatter that says nothing to a user of this harness."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    ds_log = logging.getLogger("DeepSpeed")
+    ds_log.setLevel(logging.WARNING)
+    # Our optimizer is a torch SGD/AdamW with the anchor term: "untested" by DeepSpeed by design.
+    ds_log.addFilter(lambda record: "untested optimizer" not in record.getMessage())
     # "No CUDA runtime is found" on CPU hosts, where that is expected
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # DeepSpeed still calls collectives that torch has renamed; nothing for a user to do
@@ -127,6 +130,12 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values
 
 

@@ -117,6 +117,8 @@ class Runtime(_Section):
     eval_every: int = Field(1, gt=0, description="epochs between evaluations (the last epoch is always evaluated)")
     checkpoint_every: int = Field(1, gt=0, description="epochs between resumable checkpoints (the last epoch always saves)")
     checkpoint_steps: Optional[int] = Field(None, gt=0, description="also checkpoint every N optimizer steps mid-epoch (resumes at that batch); null: epoch ends only")
+    keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept: the newest N, plus the best by student top-1")
+    signal_check_every: int = Field(10, gt=0, description="optimizer steps between checks (one tiny collective) for a stop signal: SIGUSR1 saves and exits for requeue, SIGTERM saves and stops")
     threads: Optional[int] = Field(None, gt=0, description="torch CPU threads per process; null: torch's default")
 
 
@@ -324,6 +326,13 @@ if __name__ == "__main__":
         print(recipe_docs())
     elif sys.argv[1:2] == ["--write"] and len(sys.argv) == 3:
         write_docs(Path(sys.argv[2]))
+    elif sys.argv[1:2] == ["--output"] and len(sys.argv) >= 3:  # for batch scripts: where the run writes
+        try:
+            print(load_recipe(sys.argv[2], [a for a in sys.argv[3:] if a != "--set"], check_files=False).output)
+        except RecipeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     else:
-        print("usage: python -m harness.recipe --docs | --write README.md", file=sys.stderr)
+        print("usage: python -m harness.recipe --docs | --write README.md | --output RECIPE [--set k=v ...]",
+              file=sys.stderr)
         sys.exit(2)

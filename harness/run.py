@@ -10,6 +10,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -21,7 +23,7 @@ import torch
 from harness import checkpoint
 from harness.build import build_distiller, build_student, build_teachers
 from harness.data import DataError, Position, build_loaders
-from harness.engine import (Runtime, all_reduce_sum, base_optimizer, broadcast_buffers, build_engine, evaluate,
+from harness.engine import (Runtime, all_reduce_max, all_reduce_sum, base_optimizer, broadcast_buffers, build_engine, evaluate,
                             init_runtime, shutdown, two_pass_bias_step)
 from harness.export import full_state_dict, save_student, student_config
 from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
@@ -29,7 +31,34 @@ from harness.models import ModelError, preprocess_of
 from harness.optim import LRSchedule, bias_optimizer, build_optimizer, peak_lr, set_lr, set_teachers_trainable
 from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
 
-USER_ERRORS = (RecipeError, ModelError, DataError)
+USER_ERRORS = (RecipeError, ModelError, DataError, checkpoint.CheckpointError)
+
+class StopSignals:
+    """Stop requests, which the ranks agree on every few steps.
+
+    SIGUSR1 to a training process or a file ``<output>/stop-requeue`` (SLURM's warning before
+    preemption or the time limit: the batch script then requeues), and SIGTERM or a file
+    ``<output>/stop``, each ask for a checkpoint at the next check and a clean exit. The files
+    serve launchers that cannot deliver a signal to every rank (slurm/train.sbatch).
+    """
+
+    FILES = {"requeue": "stop-requeue", "stop": "stop"}
+
+    def __init__(self, out: Path, clear: bool):
+        self.out = out
+        self.received = {"requeue": False, "stop": False}
+        if clear and out.is_dir():  # requests were for the previous incarnation of the job
+            for name in self.FILES.values():
+                (out / name).unlink(missing_ok=True)
+        signal.signal(signal.SIGUSR1, lambda *_: self.received.__setitem__("requeue", True))
+        signal.signal(signal.SIGTERM, lambda *_: self.received.__setitem__("stop", True))
+
+    def agreed(self, device) -> Optional[str]:
+        """'requeue' or 'stop' if any rank got a request (a collective: every rank must call)."""
+        asked = {k: v or (self.out / self.FILES[k]).exists() for k, v in self.received.items()}
+        flags = torch.tensor([float(asked["requeue"]), float(asked["stop"])], device=device)
+        all_reduce_max(flags)
+        return "requeue" if flags[0] else "stop" if flags[1] else None
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -54,10 +83,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Handlers first: a warning signal that arrives during start-up must not kill the process.
+    signals = StopSignals(Path(recipe.output), clear=os.environ.get("RANK", "0") == "0")
     rt = init_runtime(recipe.runtime.precision, recipe.runtime.zero_stage, recipe.runtime.threads)
     try:
-        train(recipe, args, rt)
-        return 0
+        train(recipe, args, rt, signals)
+        return 0  # finished, or stopped on request with a checkpoint: both are clean exits
     except USER_ERRORS as e:
         if rt.is_main:
             print(f"error: {args.recipe}: {e}", file=sys.stderr)
@@ -81,7 +112,7 @@ def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[Path]:
     return path
 
 
-def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
+def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopSignals") -> dict[str, Any]:
     wall_start = time.time()
     out = Path(recipe.output)
     resume_from = resume_point(recipe, args.resume)
@@ -110,6 +141,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
     # --- state: fresh or resumed
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from, bias_opt)
+        state.pop("stopped_by", None)
         log.write("resume", checkpoint=str(resume_from), epoch=state["epoch"], step=state["step"])
     else:
         loaded = evaluate({k: v for k, v in eval_models.items() if k != "student"}, val_loader.epoch(0), rt, d.image_size)
@@ -126,7 +158,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
                      f"global batch {global_batch}, about {steps_per_epoch} steps/epoch, ZeRO-{rr.zero_stage}, "
                      f"{'bf16' if rt.bf16 else 'fp32'} on {rt.device.type}")
     loop = Loop(engine, distiller, inner, bias_opt, train_loader, schedule, lr0, recipe, rt, log, progress, out,
-                steps_per_epoch, args.stop_after_steps)
+                steps_per_epoch, args.stop_after_steps, signals)
     epochs_run = 0
     for epoch in range(state["epoch"], recipe.schedule.epochs):
         if m.name == "atsc" and epoch >= m.adapt_after and not state["adapting"]:
@@ -137,7 +169,8 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
             log.write("adapt", epoch=epoch, step=state["step"])
         distiller.train()
         if not loop.train_epoch(epoch, state):
-            progress.message(f"stopped at step {state['step']} as asked (checkpointed); continue with --resume")
+            progress.message(f"stopped at step {state['step']} ({state.get('stopped_by') or 'as asked'}), "
+                             f"checkpointed; continue with --resume")
             return state
         state["epoch"], state["position"] = epoch + 1, None
         epochs_run += 1
@@ -146,7 +179,8 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime) -> dict[str, An
             broadcast_buffers(distiller)
             results = evaluate(eval_models, val_loader.epoch(0), rt, d.image_size)
             state["last_eval"] = results
-            state["best_top1"] = max(state["best_top1"], results["student"]["top1"])
+            if results["student"]["top1"] > state["best_top1"]:
+                state["best_top1"], state["best_tag"] = results["student"]["top1"], f"epoch{epoch + 1:04d}"
             log.write("eval", epoch=epoch + 1, step=state["step"], **results)
             progress.message(f"epoch {epoch + 1}: " + ", ".join(f"{k} top-1 {v['top1']:.4f}" for k, v in results.items()))
         stopping = args.stop_after_epochs is not None and epochs_run >= args.stop_after_epochs
@@ -179,18 +213,18 @@ class Loop:
 
     def __init__(self, engine, distiller, inner, bias_opt, loader, schedule: LRSchedule, lr0: float, recipe: Recipe,
                  rt: Runtime, log: MetricsLog, progress: Progress, out: Path, steps_per_epoch: int,
-                 stop_after_steps: Optional[int]):
+                 stop_after_steps: Optional[int], signals: StopSignals):
         self.engine, self.distiller, self.inner, self.bias_opt = engine, distiller, inner, bias_opt
         self.loader, self.schedule, self.lr0, self.recipe, self.rt = loader, schedule, lr0, recipe, rt
         self.log, self.progress, self.out = log, progress, out
         self.steps_per_epoch, self.stop_at = steps_per_epoch, None
-        self.stop_after_steps = stop_after_steps
+        self.stop_after_steps, self.signals = stop_after_steps, signals
         self.images_per_s = math.nan
 
     def save(self, state: dict, tag: str) -> None:
         if self.bias_opt is not None:
             state["bias_optimizer"] = self.bias_opt.state_dict()
-        checkpoint.save(self.engine, self.out, tag, state)
+        checkpoint.save(self.engine, self.out, tag, state, keep=self.recipe.runtime.keep_checkpoints)
 
     def train_epoch(self, epoch: int, state: dict) -> bool:
         """Train one epoch (or its rest, after a mid-epoch resume); False if asked to stop early."""
@@ -245,12 +279,15 @@ class Loop:
                                      remaining * rr.grad_accum * (now - window_start) / window_micro)
                 sums, window_micro, window_wait, window_start = {}, 0, 0.0, now
             stop = self.stop_at is not None and state["step"] >= self.stop_at
-            if stop or (rr.checkpoint_steps and state["step"] % rr.checkpoint_steps == 0):
-                if self.loader.position.batches < batches_total:  # at the epoch's end, the epoch save follows
-                    state["position"] = asdict(self.loader.position)
-                    self.save(state, f"epoch{epoch:04d}-step{state['step']:08d}")
-                    if stop:
-                        return False
+            if state["step"] % rr.signal_check_every == 0:
+                state["stopped_by"] = self.signals.agreed(rt.device)
+                stop = stop or state["stopped_by"] is not None
+            periodic = rr.checkpoint_steps and state["step"] % rr.checkpoint_steps == 0
+            if stop or (periodic and self.loader.position.batches < batches_total):  # else the epoch save follows
+                state["position"] = asdict(self.loader.position)
+                self.save(state, f"epoch{epoch:04d}-step{state['step']:08d}")
+                if stop:
+                    return False
         elapsed = time.perf_counter() - epoch_start
         self.images_per_s = images_per_micro * micro_steps / elapsed if elapsed > 0 else math.nan
         return True

@@ -4,7 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import json
+
 import pytest
+import yaml
 
 from shards.digits import write_digits
 
@@ -38,3 +41,42 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_recipe(tmp: Path, digits: Path, name: str, **sections) -> Path:
+    tree = {
+        "output": str(tmp / name),
+        "data": {"train": str(digits / "train-{000000..000003}.tar"), "val": str(digits / "val-{000000..000001}.tar"),
+                 "num_classes": 10, "image_size": 16, "crop_pct": 1.0, "batch_size": 32, "workers": 1,
+                 "shuffle_buffer": 200, "augment": {"crop_scale": [0.7, 1.0], "hflip": 0.0}},
+        "student": {"model": "test_resnet"},
+        "method": {"name": "supervised"},
+        "optim": {"lr": 0.1, "weight_decay": 5.0e-4},
+        "schedule": {"epochs": 4, "name": "cosine"},
+        "runtime": {"log_every": 5},
+    }
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def teacher(work, digits) -> Path:
+    """A real teacher: test_resnet trained on the digits by the `supervised` method."""
+    result = launch([str(tiny_recipe(work, digits, "teacher"))], cwd=work)
+    assert result.returncode == 0
+    assert summary(work / "teacher")["student"]["top1"] > 0.9
+    return work / "teacher" / "student.safetensors"
+
+
