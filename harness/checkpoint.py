@@ -95,9 +95,19 @@ def latest(output: str | Path) -> Optional[Path]:
     return None
 
 
+def check_world_size(path: Path, world_size: int) -> None:
+    """ZeRO 1-3 partition the optimizer by rank; such a checkpoint resumes only at its world size."""
+    partitions = len(list(path.glob("*zero_pp_rank_*_optim_states.pt")))
+    if partitions and partitions != world_size:
+        raise CheckpointError(f"checkpoint {path} holds optimizer state partitioned over {partitions} ranks (ZeRO); "
+                              f"resume it with {partitions} processes. Checkpoints written at ZeRO stage 0 "
+                              f"resume at any world size")
+
+
 def load(engine, path: str | Path, bias_opt: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
     """Restore engine weights and optimizer from ``path``; return the run state saved with them."""
     path = Path(path)
+    check_world_size(path, dist.get_world_size() if dist.is_initialized() else 1)
     loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                             load_lr_scheduler_states=False)
     if loaded is None:

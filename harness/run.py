@@ -23,7 +23,7 @@ import torch
 from harness import checkpoint
 from harness.build import build_distiller, build_student, build_teachers
 from harness.data import DataError, Position, build_loaders
-from harness.engine import (Runtime, all_reduce_max, all_reduce_sum, base_optimizer, broadcast_buffers, build_engine, evaluate,
+from harness.engine import (Runtime, all_gather_objects, all_reduce_max, all_reduce_sum, base_optimizer, broadcast_buffers, build_engine, evaluate,
                             init_runtime, shutdown, two_pass_bias_step)
 from harness.export import full_state_dict, save_student, student_config
 from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
@@ -231,7 +231,14 @@ class Loop:
         rr, epochs, rt = self.recipe.runtime, self.recipe.schedule.epochs, self.rt
         if self.stop_after_steps is not None and self.stop_at is None:
             self.stop_at = state["step"] + self.stop_after_steps
-        resume = Position(**state["position"]) if state.get("position") else None
+        resume = None
+        if state.get("position"):  # one per rank: each rank's shards and skips are its own
+            positions = state["position"]
+            if len(positions) != rt.world_size:
+                raise checkpoint.CheckpointError(
+                    f"the checkpoint was taken mid-epoch by {len(positions)} ranks; resume it with "
+                    f"{len(positions)} processes (epoch-end checkpoints have no such constraint)")
+            resume = Position(**positions[rt.rank])
         batches_total = self.loader.batches_in_epoch(epoch)
         images_per_micro = self.recipe.data.batch_size * rt.world_size
         sums: dict[str, torch.Tensor] = {}
@@ -284,7 +291,7 @@ class Loop:
                 stop = stop or state["stopped_by"] is not None
             periodic = rr.checkpoint_steps and state["step"] % rr.checkpoint_steps == 0
             if stop or (periodic and self.loader.position.batches < batches_total):  # else the epoch save follows
-                state["position"] = asdict(self.loader.position)
+                state["position"] = all_gather_objects(asdict(self.loader.position))
                 self.save(state, f"epoch{epoch:04d}-step{state['step']:08d}")
                 if stop:
                     return False

@@ -21,15 +21,24 @@ def digits(tmp_path_factory) -> Path:
     return out
 
 
-def launch(args: list[str], cwd: Path, processes: int = 1, timeout: int = 600, port: int = 0) -> subprocess.CompletedProcess:
-    """Run harness/run.py under `accelerate launch` with N CPU processes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def launch_command(args: list[str], processes: int = 1, machines: int = 1, machine_rank: int = 0,
+                   port: int = 0) -> list[str]:
+    """`accelerate launch` of harness/run.py: N CPU processes in all, over M "machines"."""
     # --multi_gpu is accelerate's name for its torchrun launcher; without it a CPU host runs 1 process
     multi = ["--multi_gpu"] if processes > 1 else []
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port or _free_port()), str(ROOT / "harness" / "run.py"), *args]
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(processes),
+            "--num_machines", str(machines), "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port or _free_port()),
+            str(ROOT / "harness" / "run.py"), *args]
+
+
+def launch(args: list[str], cwd: Path, processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run harness/run.py under `accelerate launch` with N CPU processes on this host."""
+    cmd = launch_command(args, processes)
+    result = subprocess.run(cmd, cwd=cwd, env=LAUNCH_ENV, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         print(result.stdout[-4000:], result.stderr[-8000:], sep="\n")
     return result

@@ -7,7 +7,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import launch, summary, tiny_recipe
+import subprocess
+
+from conftest import LAUNCH_ENV, _free_port, launch, launch_command, summary, tiny_recipe
 from harness.data import EpochLoader, ShardStream, eval_transform, expand_urls
 from harness.export import load_student
 
@@ -98,3 +100,50 @@ def test_other_methods_run_on_the_same_path(work, digits, teacher, method):
     assert s["student"]["top1"] > 0.5
     if method.get("bias_step") == "two_pass":
         assert "bias_two_pass" in last_train_record(work / name)
+
+
+def test_two_nodes_on_loopback_match_one_node_with_two_processes(work, digits, teacher, zero_runs):
+    """The multi-node code path: 2 "machines" (machine ranks 0 and 1) of 1 process each."""
+    recipe = atsc_recipe(work, digits, teacher, "atsc-zero2", 2)
+    out = work / "atsc-2nodes"
+    port = _free_port()
+    nodes = [subprocess.Popen(launch_command([str(recipe), "--set", f"output={out}"], processes=2, machines=2,
+                                             machine_rank=rank, port=port),
+                              cwd=work, env=LAUNCH_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert summary(out)["world_size"] == 2
+    two_nodes = load_file(str(out / "student.safetensors"))
+    one_node = load_file(str(zero_runs[2] / "student.safetensors"))
+    for key in one_node:
+        assert torch.allclose(two_nodes[key], one_node[key], atol=1e-6), key
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(work, digits):
+    import os
+    import signal
+    import time
+
+    recipe = tiny_recipe(work, digits, "killed", runtime={"log_every": 5, "checkpoint_steps": 1, "keep_checkpoints": 2})
+    root = work / "killed" / "checkpoints"
+    proc = subprocess.Popen(launch_command([str(recipe)]), cwd=work, env=LAUNCH_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    killed_during = None
+    while proc.poll() is None:
+        partial = list(root.glob("*.partial")) if (root / "latest").exists() else []
+        if partial:  # a save is being written and an earlier one is published: kill everything now
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_during = partial[0].name
+            break
+        time.sleep(0.001)
+    proc.wait()
+    assert killed_during is not None, "the run ended before a save could be interrupted"
+    published = (root / "latest").read_text().strip()
+    assert not published.endswith(".partial") and (root / published).is_dir()
+    assert published != killed_during.removesuffix(".partial")
+    resumed = launch([str(recipe), "--resume"], cwd=work)
+    assert resumed.returncode == 0
+    assert f"resume" in (work / "killed" / "metrics.jsonl").read_text()
+    assert summary(work / "killed")["student"]["top1"] > 0.5
+    assert len([p for p in root.iterdir() if p.is_dir()]) <= 3  # keep 2, plus the best
