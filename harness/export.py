@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -116,3 +117,99 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     model.preprocess = pre
     model.prepare = functools.partial(prepare_images, pre=pre)
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def consolidated_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights and buffers of a checkpoint of any ZeRO stage, in one process."""
+    import contextlib
+    import io
+
+    if list(checkpoint.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return states["module"]
+
+
+def export_checkpoint(run_dir: Path, checkpoint: Path | None, out: Path) -> Path:
+    """Rebuild the run's method from its recipe.yaml, load a checkpoint, export the deployed student."""
+    from harness import checkpoint as ckpt
+    from harness.build import build_distiller
+    from harness.models import create, preprocess_of
+    from harness.recipe import load_recipe
+
+    recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
+    checkpoint = checkpoint or ckpt.latest(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint (no {ckpt.checkpoint_dir(run_dir) / 'latest'})")
+    d = recipe.data
+    student = create(recipe.student.model, d.num_classes, kwargs=recipe.student.model_kwargs, where="student")
+    # teachers start random: every weight comes from the checkpoint
+    teachers = [create(t.model, d.num_classes, kwargs=t.model_kwargs, where=f"teachers[{i}]")
+                for i, t in enumerate(recipe.teachers)]
+    pre = preprocess_of(student, d.image_size, d.crop_pct, d.mean, d.std)
+    distiller = build_distiller(recipe, student, teachers, pre)
+    missing, unexpected = distiller.load_state_dict(consolidated_state(checkpoint), strict=False)
+    if unexpected or [k for k in missing if not k.startswith("views.")]:
+        raise ValueError(f"{checkpoint} does not match {run_dir / 'recipe.yaml'}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    deployed = distiller.deployed()
+    save_student({k: v.detach().cpu() for k, v in deployed.state_dict().items()},
+                 student_config(distiller, recipe, pre), out)
+    return out
+
+
+@torch.no_grad()
+def evaluate_file(path: Path, val: str, batch_size: int = 128, workers: int = 2) -> dict[str, float]:
+    """Top-1/top-5 of an exported student over validation shards, single process."""
+    from harness.data import EpochLoader, ShardStream, expand_urls
+
+    model = load_student(path)
+    num_classes = read_config(path)["num_classes"]
+    stream = ShardStream(expand_urls(val), eval_transform(model.preprocess), num_classes, batch_size, train=False)
+    correct1 = correct5 = total = 0
+    for x, y in EpochLoader(stream, workers, False, model.preprocess).epoch(0):
+        top5 = model(x).topk(min(5, num_classes), dim=-1).indices
+        correct1 += (top5[:, 0] == y).sum().item()
+        correct5 += (top5 == y[:, None]).any(-1).sum().item()
+        total += len(y)
+    return {"top1": correct1 / total, "top5": correct5 / total, "samples": total}
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export a run's student from a checkpoint, or evaluate an export.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("checkpoint", help="checkpoint (any ZeRO stage) -> one student .safetensors")
+    exp.add_argument("run_dir", type=Path, help="the run's output directory (holds recipe.yaml, checkpoints/)")
+    exp.add_argument("--tag", help="checkpoint tag (default: latest)")
+    exp.add_argument("--out", type=Path, help="output file (default: <run_dir>/student-<tag>.safetensors)")
+    ev = sub.add_parser("evaluate", help="top-1/top-5 of an exported student on validation shards")
+    ev.add_argument("student", type=Path)
+    ev.add_argument("val", help="validation shards: directory or brace pattern")
+    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    try:
+        if args.command == "checkpoint":
+            from harness import checkpoint as ckpt
+
+            path = ckpt.checkpoint_dir(args.run_dir) / args.tag if args.tag else None
+            tag = args.tag or (ckpt.latest(args.run_dir).name if ckpt.latest(args.run_dir) else "none")
+            out = export_checkpoint(args.run_dir, path, args.out or args.run_dir / f"student-{tag}.safetensors")
+            print(f"exported {out}")
+        else:
+            print(json.dumps(evaluate_file(args.student, args.val, args.batch_size, args.workers)))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -147,3 +147,22 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(work, dig
     assert f"resume" in (work / "killed" / "metrics.jsonl").read_text()
     assert summary(work / "killed")["student"]["top1"] > 0.5
     assert len([p for p in root.iterdir() if p.is_dir()]) <= 3  # keep 2, plus the best
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_from_a_zero_checkpoint_and_evaluate_it(zero_runs, digits, stage):
+    import sys
+
+    run = zero_runs[stage]
+    out = run / "from-checkpoint.safetensors"
+    subprocess.run([sys.executable, "-m", "harness.export", "checkpoint", str(run), "--out", str(out)], check=True,
+                   capture_output=True)
+    exported, final = load_file(str(out)), load_file(str(run / "student.safetensors"))
+    assert exported.keys() == final.keys()
+    for key in final:
+        assert torch.allclose(exported[key].float(), final[key].float(), atol=1e-6), key
+    result = subprocess.run([sys.executable, "-m", "harness.export", "evaluate", str(out),
+                             str(digits / "val-{000000..000001}.tar")], check=True, capture_output=True, text=True)
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["samples"] == 359
+    assert metrics["top1"] == pytest.approx(summary(run)["student"]["top1"], abs=1e-9)
