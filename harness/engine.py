@@ -184,13 +184,15 @@ class _Lockstep:
         self.loader, self.rt, self.image_size = loader, rt, image_size
 
     def __iter__(self):
+        if self.rt.zero_stage != 3:  # forwards are local: no agreement (and no host sync) per batch
+            for batch in self.loader:
+                yield batch, True
+            return
         it = iter(self.loader)
         dummy = None
         while True:
             batch = next(it, None)
-            flag = torch.tensor([0.0 if batch is None else 1.0], device=self.rt.device)
-            if self.rt.zero_stage == 3:
-                all_reduce_sum(flag)
+            flag = all_reduce_sum(torch.tensor([0.0 if batch is None else 1.0], device=self.rt.device))
             if flag.item() == 0:
                 return
             if batch is None:
