@@ -10,16 +10,28 @@ from harness.method import KD, Distiller, InputView, SimKD, Supervised
 from harness.recipe import Recipe
 
 
-def build_student(recipe: Recipe) -> nn.Module:
+def build_student(recipe: Recipe, load_weights: bool = True) -> nn.Module:
     s = recipe.student
-    return models.create(s.model, recipe.data.num_classes, checkpoint=s.checkpoint, kwargs=s.model_kwargs,
-                         where="student")
+    return models.create(s.model, recipe.data.num_classes, checkpoint=s.checkpoint if load_weights else None,
+                         kwargs=s.model_kwargs, where="student")
 
 
-def build_teachers(recipe: Recipe) -> list[nn.Module]:
-    return [models.create(t.model, recipe.data.num_classes, checkpoint=t.checkpoint, hub=t.hub,
-                          kwargs=t.model_kwargs, where=f"teachers[{i}]")
+def build_teachers(recipe: Recipe, load_weights: bool = True) -> list[nn.Module]:
+    return [models.create(t.model, recipe.data.num_classes, checkpoint=t.checkpoint if load_weights else None,
+                          hub=t.hub if load_weights else None, kwargs=t.model_kwargs, where=f"teachers[{i}]")
             for i, t in enumerate(recipe.teachers)]
+
+
+def build_method(recipe: Recipe, load_weights: bool = True) -> tuple[Distiller, Preprocess]:
+    """The run's method over its student and teachers, and the student's preprocessing.
+
+    ``load_weights=False`` leaves the models randomly initialised, for a caller that loads
+    every weight from a checkpoint next (the export of a checkpoint).
+    """
+    student = build_student(recipe, load_weights)
+    d = recipe.data
+    pre = models.preprocess_of(student, d.image_size, d.crop_pct, d.mean, d.std)
+    return build_distiller(recipe, student, build_teachers(recipe, load_weights), pre), pre
 
 
 @torch.no_grad()

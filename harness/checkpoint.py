@@ -17,6 +17,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from harness.engine import all_reduce
+
 
 def checkpoint_dir(output: str | Path) -> Path:
     return Path(output) / "checkpoints"
@@ -28,10 +30,7 @@ class CheckpointError(RuntimeError):
 
 def _agree(ok: bool, device) -> bool:
     """True only if every rank says ok (a rank's failure must stop them all together)."""
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return bool(all_reduce(torch.tensor([1.0 if ok else 0.0], device=device), "min").item())
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -127,9 +127,10 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce ('sum', 'max' or 'min') across ranks; a no-op in a world of one."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return values
 
 
@@ -142,12 +143,6 @@ def all_gather_objects(value) -> list:
     return out
 
 
-def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values
-
-
 def two_pass_bias_step(distiller, bias_opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                        rt: Runtime) -> torch.Tensor:
     """The authors' order: after the main step, a second teacher forward steps only the biases."""
@@ -155,7 +150,7 @@ def two_pass_bias_step(distiller, bias_opt: torch.optim.Optimizer, x: torch.Tens
     with rt.autocast():
         loss = distiller.bias_loss(x, y)
     grads = torch.autograd.grad(loss, params)
-    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / rt.world_size
+    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads])) / rt.world_size
     offset = 0
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
@@ -192,7 +187,7 @@ class _Lockstep:
         dummy = None
         while True:
             batch = next(it, None)
-            flag = all_reduce_sum(torch.tensor([0.0 if batch is None else 1.0], device=self.rt.device))
+            flag = all_reduce(torch.tensor([0.0 if batch is None else 1.0], device=self.rt.device))
             if flag.item() == 0:
                 return
             if batch is None:
@@ -222,8 +217,8 @@ def evaluate(models: dict[str, nn.Module], loader: Iterable, rt: Runtime, image_
                 counts[i, 1] += hit.any(dim=-1).sum()
         if real:
             seen += y.numel()
-    all_reduce_sum(counts)
-    all_reduce_sum(seen)
+    all_reduce(counts)
+    all_reduce(seen)
     n = max(seen.item(), 1.0)
     return {name: {"top1": counts[i, 0].item() / n, "top5": counts[i, 1].item() / n, "samples": int(seen.item())}
             for i, name in enumerate(models)}

@@ -139,21 +139,14 @@ def consolidated_state(checkpoint: Path) -> dict[str, torch.Tensor]:
 def export_checkpoint(run_dir: Path, checkpoint: Path | None, out: Path) -> Path:
     """Rebuild the run's method from its recipe.yaml, load a checkpoint, export the deployed student."""
     from harness import checkpoint as ckpt
-    from harness.build import build_distiller
-    from harness.models import create, preprocess_of
+    from harness.build import build_method
     from harness.recipe import load_recipe
 
     recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
     checkpoint = checkpoint or ckpt.latest(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint (no {ckpt.checkpoint_dir(run_dir) / 'latest'})")
-    d = recipe.data
-    student = create(recipe.student.model, d.num_classes, kwargs=recipe.student.model_kwargs, where="student")
-    # teachers start random: every weight comes from the checkpoint
-    teachers = [create(t.model, d.num_classes, kwargs=t.model_kwargs, where=f"teachers[{i}]")
-                for i, t in enumerate(recipe.teachers)]
-    pre = preprocess_of(student, d.image_size, d.crop_pct, d.mean, d.std)
-    distiller = build_distiller(recipe, student, teachers, pre)
+    distiller, pre = build_method(recipe, load_weights=False)  # every weight comes from the checkpoint
     missing, unexpected = distiller.load_state_dict(consolidated_state(checkpoint), strict=False)
     if unexpected or [k for k in missing if not k.startswith("views.")]:
         raise ValueError(f"{checkpoint} does not match {run_dir / 'recipe.yaml'}: missing {missing[:5]}, "

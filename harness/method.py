@@ -104,12 +104,10 @@ class FeatureTap:
         assert kind in ("map", "vector")
         self.kind = kind
 
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(feature, raw forward_features output) of the model for input x."""
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The model's distillation feature for input x."""
         raw = model.forward_features(x)
-        if self.kind == "map":
-            return raw, raw
-        return model.forward_head(raw, pre_logits=True), raw
+        return raw if self.kind == "map" else model.forward_head(raw, pre_logits=True)
 
 
 # ----------------------------------------------------------------------------- teacher inputs
@@ -333,7 +331,7 @@ class SimKD(Distiller):
         projected, teacher_logits, terms = [], [], {}
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
         for k, tap in enumerate(self.taps):
-            h_t, _ = self.teacher_forward(k, tap, x)
+            h_t = self.teacher_forward(k, tap, x)
             z = self.shared.project(raw_s, k)
             if z.dim() == 4:
                 z, h_t = align_maps(z, h_t)
@@ -363,7 +361,7 @@ class SimKD(Distiller):
         total = torch.zeros((), device=x.device, dtype=torch.float32)
         for teacher, view, tap, classifier in zip(self.teachers, self.views, self.taps, self.shared.classifiers):
             with torch.no_grad():
-                h_t, _ = tap(teacher, view(x))
+                h_t = tap(teacher, view(x))
             total = total + bias_only_loss(pooled(h_t), classifier, y)
         return total
 

@@ -21,13 +21,13 @@ from typing import Any, Optional
 import torch
 
 from harness import checkpoint
-from harness.build import build_distiller, build_student, build_teachers
+from harness.build import build_method
 from harness.data import DataError, Position, build_loaders
-from harness.engine import (Runtime, all_gather_objects, all_reduce_max, all_reduce_sum, base_optimizer, broadcast_buffers, build_engine, evaluate,
+from harness.engine import (Runtime, all_gather_objects, all_reduce, base_optimizer, broadcast_buffers, build_engine, evaluate,
                             init_runtime, shutdown, two_pass_bias_step)
 from harness.export import full_state_dict, save_student, student_config
 from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
-from harness.models import ModelError, preprocess_of
+from harness.models import ModelError
 from harness.optim import LRSchedule, bias_optimizer, build_optimizer, peak_lr, set_lr, set_teachers_trainable
 from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
 
@@ -57,7 +57,7 @@ class StopSignals:
         """'requeue' or 'stop' if any rank got a request (a collective: every rank must call)."""
         asked = {k: v or (self.out / self.FILES[k]).exists() for k, v in self.received.items()}
         flags = torch.tensor([float(asked["requeue"]), float(asked["stop"])], device=device)
-        all_reduce_max(flags)
+        all_reduce(flags, "max")
         return "requeue" if flags[0] else "stop" if flags[1] else None
 
 
@@ -124,9 +124,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
 
     # --- models, method, data, engine
     torch.manual_seed(rr.seed)  # identical initialisation on every rank
-    student, teachers = build_student(recipe), build_teachers(recipe)
-    pre = preprocess_of(student, d.image_size, d.crop_pct, d.mean, d.std)
-    distiller = build_distiller(recipe, student, teachers, pre)
+    distiller, pre = build_method(recipe)
     train_loader, val_loader = build_loaders(recipe, pre, rt.rank, rt.world_size, rt.device, rr.grad_accum)
     global_batch = d.batch_size * rt.world_size * rr.grad_accum
     optimizer = build_optimizer(distiller.param_groups(), recipe.optim, m.anchor_weight)
@@ -154,7 +152,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
 
     steps_per_epoch = train_loader.batches_in_epoch(0) // rr.grad_accum
     progress = Progress(recipe.schedule.epochs * steps_per_epoch, rt.is_main)
-    progress.message(f"{recipe.name}: {m.name}, {len(teachers)} teacher(s), world size {rt.world_size}, "
+    progress.message(f"{recipe.name}: {m.name}, {len(recipe.teachers)} teacher(s), world size {rt.world_size}, "
                      f"global batch {global_batch}, about {steps_per_epoch} steps/epoch, ZeRO-{rr.zero_stage}, "
                      f"{'bf16' if rt.bf16 else 'fp32'} on {rt.device.type}")
     loop = Loop(engine, distiller, inner, bias_opt, train_loader, schedule, lr0, recipe, rt, log, progress, out,
@@ -304,7 +302,7 @@ def anchor_value(inner, rt: Runtime) -> float:
     """The anchor term's value, summed over ZeRO partitions (stages 1-3 split the references)."""
     value = inner.anchor_value().to(rt.device).float().reshape(1)
     if rt.zero_stage > 0:
-        all_reduce_sum(value)
+        all_reduce(value)
     return value.item()
 
 
