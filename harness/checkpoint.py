@@ -55,6 +55,8 @@ def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int 
     except (OSError, RuntimeError) as e:  # disk full, permissions, quota
         error = e
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if error is not None:
+        error = _explain(error, root)
     if not _agree(error is None, engine.device):
         previous = latest(output)
         if rank == 0:
@@ -71,6 +73,18 @@ def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int 
     if dist.is_initialized():
         dist.barrier()
     return root / tag
+
+
+def _explain(error: BaseException, root: Path) -> str:
+    """The cause of a failed save in words: torch's writer reports a short write cryptically."""
+    text = str(error).strip()
+    if isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        text = "a checkpoint file could not be written in full (disk full, quota or file size limit)"
+    try:
+        text += f" [{shutil.disk_usage(root).free / 2**30:.1f} GiB free under {root}]"
+    except OSError:
+        pass
+    return text
 
 
 def prune(root: Path, keep: int, best: Optional[str]) -> None:

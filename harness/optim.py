@@ -65,6 +65,7 @@ class AnchorMixin:
     def step(self, closure=None):
         for group in self.param_groups:
             self._prepare(group)
+            self._init_state(group)
         # The base optimizer initialises a parameter's state when it finds it empty; our keys
         # must not make a fresh state look initialised, so they step aside meanwhile.
         extra = {p: {k: self.state[p].pop(k) for k in self._EXTRA_STATE if k in self.state[p]}
@@ -75,9 +76,21 @@ class AnchorMixin:
             for p, keys in extra.items():
                 self.state[p].update(keys)
 
+    def _init_state(self, group: dict) -> None:
+        """Create state the base optimizer would create lazily (see AnchoredSGD)."""
+
 
 class AnchoredSGD(AnchorMixin, torch.optim.SGD):
-    pass
+    @torch.no_grad()
+    def _init_state(self, group: dict) -> None:
+        # A skipped first step (``found_inf``, harness/guard.py) leaves fused SGD's momentum buffer
+        # uninitialised memory. A zero buffer gives the same first step (dampening 0:
+        # m * 0 + g = g) and stays zero when that step is skipped.
+        if not group["momentum"] or group["dampening"]:
+            return
+        for p in group["params"]:
+            if p.grad is not None and self.state[p].get("momentum_buffer") is None:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 class AnchoredAdamW(AnchorMixin, torch.optim.AdamW):
@@ -85,7 +98,11 @@ class AnchoredAdamW(AnchorMixin, torch.optim.AdamW):
 
 
 def build_optimizer(groups: list[dict], optim, anchor_weight: float) -> torch.optim.Optimizer:
-    """The recipe's optimizer over role-tagged groups; each group keeps its base lr multiplier."""
+    """The recipe's optimizer over role-tagged groups; each group keeps its base lr multiplier.
+
+    Fused: one kernel per step on the device, and it honours ``found_inf``, which skips a step
+    with a non-finite loss without a host synchronisation (harness/guard.py).
+    """
     for group in groups:
         group["lr_mult"] = optim.teacher_lr_mult if group["role"] == ROLE_TEACHER else 1.0
         group["base_weight_decay"] = optim.weight_decay
@@ -93,8 +110,8 @@ def build_optimizer(groups: list[dict], optim, anchor_weight: float) -> torch.op
     groups = [g for g in groups if g["params"]]
     if optim.name == "sgd":
         return AnchoredSGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
-                           weight_decay=optim.weight_decay)
-    return AnchoredAdamW(groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+                           weight_decay=optim.weight_decay, fused=True)
+    return AnchoredAdamW(groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, fused=True)
 
 
 def set_teachers_trainable(optimizer: torch.optim.Optimizer, trainable: bool) -> None:

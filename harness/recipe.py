@@ -47,6 +47,7 @@ class Data(_Section):
     workers: int = Field(4, ge=0, description="loader worker processes per device")
     shuffle_buffer: int = Field(5000, ge=0, description="samples mixed within a worker before batching")
     train_samples: Optional[int] = Field(None, gt=0, description="train set size; null: read from the shards' _info.json")
+    decode: Literal["auto", "cpu", "gpu"] = Field("auto", description="where images are decoded: cpu: in the loader workers (PIL); gpu: batched nvJPEG in the training process, workers only read headers and draw crops (needs CUDA); auto: gpu on CUDA devices, else cpu")
     augment: Augment = Field(default_factory=Augment)
 
 
@@ -120,6 +121,7 @@ class Runtime(_Section):
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept: the newest N, plus the best by student top-1")
     signal_check_every: int = Field(10, gt=0, description="optimizer steps between checks (one tiny collective) for a stop signal: SIGUSR1 saves and exits for requeue, SIGTERM saves and stops")
     threads: Optional[int] = Field(None, gt=0, description="torch CPU threads per process; null: torch's default")
+    max_nonfinite_steps: int = Field(20, gt=0, description="optimizer steps in a row with a NaN/inf loss (each skipped, on every rank) before the run stops, naming the last good checkpoint; checked every `signal_check_every` steps")
 
 
 class Recipe(_Section):

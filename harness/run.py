@@ -26,12 +26,13 @@ from harness.data import DataError, Position, build_loaders
 from harness.engine import (Runtime, all_gather_objects, all_reduce, base_optimizer, broadcast_buffers, build_engine, evaluate,
                             init_runtime, shutdown, two_pass_bias_step)
 from harness.export import full_state_dict, save_student, student_config
+from harness.guard import NonFiniteGuard, NonFiniteLoss
 from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
 from harness.models import ModelError
 from harness.optim import LRSchedule, bias_optimizer, build_optimizer, peak_lr, set_lr, set_teachers_trainable
 from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
 
-USER_ERRORS = (RecipeError, ModelError, DataError, checkpoint.CheckpointError)
+USER_ERRORS = (RecipeError, ModelError, DataError, checkpoint.CheckpointError, NonFiniteLoss)
 
 class StopSignals:
     """Stop requests, which the ranks agree on every few steps.
@@ -218,6 +219,8 @@ class Loop:
         self.steps_per_epoch, self.stop_at = steps_per_epoch, None
         self.stop_after_steps, self.signals = stop_after_steps, signals
         self.images_per_s = math.nan
+        self.guard = NonFiniteGuard(distiller, [inner] + ([bias_opt] if bias_opt is not None else []), rt.device)
+        self.skipped_seen = 0  # the guard's count already added to the run's state
 
     def save(self, state: dict, tag: str) -> None:
         if self.bias_opt is not None:
@@ -256,6 +259,7 @@ class Loop:
             set_lr(self.inner.param_groups, lr)
             self.inner.track_anchor = self.distiller.adapting and (state["step"] + 1) % rr.log_every == 0
             loss, terms = self.engine(x, y)
+            finite = 1.0 - self.guard.observe(loss)  # a NaN/inf anywhere skips this step on every rank
             self.engine.backward(loss)
             boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.step()
@@ -264,38 +268,67 @@ class Loop:
             if boundary and self.bias_opt is not None and self.distiller.adapting:
                 set_lr(self.bias_opt.param_groups, lr)
                 terms["bias_two_pass"] = two_pass_bias_step(self.distiller, self.bias_opt, x, y, rt)
-            for k, v in terms.items():  # summed on the device: no host sync per step
-                sums[k] = sums.get(k, 0) + v.detach().float()
+            # summed on the device (no host sync per step), skipped steps left out of the means
+            for k, v in {**terms, "_finite": finite}.items():
+                sums[k] = sums.get(k, 0) + v.detach().float().nan_to_num(0.0, 0.0, 0.0) * finite
             if not boundary:
                 continue
+            self.guard.stepped()
             state["step"] += 1
             if state["step"] % rr.log_every == 0:
                 now = time.perf_counter()
-                values = dict(zip(sums, (torch.stack(list(sums.values())) / window_micro).tolist()))
+                totals = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
+                kept = totals.pop("_finite")  # micro-steps not skipped; none: every step was non-finite
+                values = {k: v / kept if kept else math.nan for k, v in totals.items()}
                 if self.distiller.adapting and any(g.get("anchor") for g in self.inner.param_groups):
                     values["anchor"] = anchor_value(self.inner, rt)
                 ips = images_per_micro * window_micro / (now - window_start)
                 remaining = epochs * self.steps_per_epoch - state["step"]
                 self.log.write("train", epoch=epoch, step=state["step"], lr=lr, images_per_s=round(ips, 1),
                                data_wait=round(window_wait / (now - window_start), 4),
-                               data_skipped=self.loader.position.skipped, memory_gb=round(memory_gb(rt.device), 3),
+                               data_skipped=self.loader.position.skipped, steps_skipped=state.get("steps_skipped", 0),
+                               memory_gb=round(memory_gb(rt.device), 3),
                                **{k: round(v, 6) for k, v in values.items()})
                 self.progress.update(state["step"], epoch, epochs, values["loss"], ips,
                                      remaining * rr.grad_accum * (now - window_start) / window_micro)
                 sums, window_micro, window_wait, window_start = {}, 0, 0.0, now
             stop = self.stop_at is not None and state["step"] >= self.stop_at
-            if state["step"] % rr.signal_check_every == 0:
+            checking = state["step"] % rr.signal_check_every == 0
+            if checking:
+                self.check_nonfinite(state, epoch)
                 state["stopped_by"] = self.signals.agreed(rt.device)
                 stop = stop or state["stopped_by"] is not None
             periodic = rr.checkpoint_steps and state["step"] % rr.checkpoint_steps == 0
             if stop or (periodic and self.loader.position.batches < batches_total):  # else the epoch save follows
+                if not checking:  # a checkpoint holds no NaN statistics, and the skip count is current
+                    self.check_nonfinite(state, epoch)
                 state["position"] = all_gather_objects(asdict(self.loader.position))
                 self.save(state, f"epoch{epoch:04d}-step{state['step']:08d}")
                 if stop:
                     return False
+        self.check_nonfinite(state, epoch)  # nothing non-finite is carried into an evaluation or a checkpoint
         elapsed = time.perf_counter() - epoch_start
         self.images_per_s = images_per_micro * micro_steps / elapsed if elapsed > 0 else math.nan
         return True
+
+    def check_nonfinite(self, state: dict, epoch: int) -> None:
+        """Count the steps skipped for a NaN/inf loss; stop when too many came in a row."""
+        total, in_a_row = self.guard.check()
+        new, self.skipped_seen = total - self.skipped_seen, total
+        state["steps_skipped"] = state.get("steps_skipped", 0) + new
+        if new:
+            self.log.write("nonfinite", epoch=epoch, step=state["step"], skipped=new, in_a_row=in_a_row,
+                           skipped_total=state["steps_skipped"])
+            self.progress.message(f"step {state['step']}: {new} step(s) skipped for a NaN/inf loss "
+                                  f"({state['steps_skipped']} so far)")
+        limit = self.recipe.runtime.max_nonfinite_steps
+        if in_a_row >= limit:
+            good = checkpoint.latest(self.out)
+            raise NonFiniteLoss(
+                f"the last {in_a_row} optimizer steps (to step {state['step']}, epoch {epoch}) all had a NaN/inf loss "
+                f"and were skipped (limit `runtime.max_nonfinite_steps` = {limit}). The last good checkpoint is "
+                f"{good or '(none yet)'}; lower `optim.lr`, set `optim.grad_clip` or check the data, then continue "
+                f"with --resume{f' {good}' if good else ''}")
 
 
 def anchor_value(inner, rt: Runtime) -> float:

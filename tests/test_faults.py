@@ -1,0 +1,48 @@
+"""Faults a long job meets: a diverging loss, a disk that fills up. Each must stop cleanly and
+leave a checkpoint to continue from, with a message that names it."""
+import json
+from pathlib import Path
+
+from conftest import launch, summary, tiny_recipe
+from harness import checkpoint
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_a_diverging_run_skips_nan_steps_then_stops_naming_the_last_good_checkpoint(work, digits):
+    recipe = tiny_recipe(work, digits, "diverged", schedule={"epochs": 3},
+                         runtime={"log_every": 5, "signal_check_every": 5, "max_nonfinite_steps": 10})
+    run = work / "diverged"
+    assert launch([str(recipe), "--stop-after-epochs", "1"], cwd=work).returncode == 0
+    # an absurd learning rate blows the weights up within a few steps: every loss after is NaN
+    result = launch([str(recipe), "--resume", "--set", "optim.lr=1e30"], cwd=work)
+    assert result.returncode != 0  # accelerate turns the run's exit status 2 into 1
+    good = run / "checkpoints" / "epoch0001"
+    assert "NaN/inf loss" in result.stderr and f"last good checkpoint is {good}" in result.stderr
+    skipped = records(run, "nonfinite")
+    assert skipped and skipped[-1]["in_a_row"] >= 10
+    assert records(run, "train")[-1]["steps_skipped"] >= 5
+    assert checkpoint.latest(run) == good  # nothing written from the diverged weights
+    # the way back the message gives works: resume from the named checkpoint at a sane lr
+    assert launch([str(recipe), "--resume", str(good)], cwd=work).returncode == 0
+    assert summary(run)["student"]["top1"] > 0.5
+
+
+def test_a_save_that_fails_stops_the_run_and_keeps_the_previous_checkpoint(work, digits):
+    recipe = tiny_recipe(work, digits, "diskfull", schedule={"epochs": 2})
+    run = work / "diskfull"
+    assert launch([str(recipe), "--stop-after-epochs", "1"], cwd=work).returncode == 0
+    size = sum(f.stat().st_size for f in (run / "checkpoints" / "epoch0001").iterdir())
+    # any file larger than a third of a checkpoint cannot be written: the next save fails as on a full disk
+    result = launch([str(recipe), "--resume"], cwd=work, file_size_limit=size // 3)
+    assert result.returncode != 0  # accelerate turns the run's exit status 2 into 1
+    assert "saving checkpoint" in result.stderr and "epoch0001 is intact" in result.stderr
+    assert "could not be written in full" in result.stderr  # the cause, not torch's "unexpected pos"
+    assert checkpoint.latest(run).name == "epoch0001"
+    assert not list((run / "checkpoints").glob("*.partial"))  # no half-written checkpoint left behind
+    assert not (run / "summary.json").exists()
+    # space again: the run continues from the intact checkpoint and finishes
+    assert launch([str(recipe), "--resume"], cwd=work).returncode == 0
+    assert summary(run)["epochs"] == 2
