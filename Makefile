@@ -7,7 +7,7 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mix
 # torch 2.14.1 / torchvision 0.29.1 are the builds that import together (and sit on this host's disk)
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test docs clean
+.PHONY: install demo compare test docs clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ runs/demo-teacher/student.safetensors: | data/digits/_info.json
 
 demo: runs/demo-teacher/student.safetensors
 	$(LAUNCH) harness/run.py recipes/demo.yaml --resume
+
+# Every method on the digits, 3 seeds each (about 25 minutes on 2 CPU cores): runs/compare/compare.md,
+# compare.json and top1.png. Finished runs are reused; COMPARE_ARGS passes options (e.g. --jobs 2).
+compare: install data/digits/_info.json
+	$(PY) bench/compare.py $(COMPARE_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -1,0 +1,134 @@
+"""`make compare`'s reporting on fabricated runs (no training): the numbers, the counts, the plot.
+
+The comparison itself takes half an hour; this checks in seconds that what it prints cannot
+silently drift from what the runs wrote: mean and std over seeds, per-epoch curves, the deployed
+parameter count read from real exported student files, and that the PNG is written.
+"""
+import importlib.util
+import json
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import timm
+import yaml
+
+from harness.data import Preprocess
+from harness.export import build_from_config, save_student
+
+# bench/ is scripts, not an installed package: load the driver from its file
+_spec = importlib.util.spec_from_file_location("bench_compare", Path(__file__).resolve().parents[1] / "bench" / "compare.py")
+compare = sys.modules["bench_compare"] = importlib.util.module_from_spec(_spec)  # dataclasses look the module up
+_spec.loader.exec_module(compare)
+
+PRE = asdict(Preprocess(image_size=32, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+PROJECTED = 64  # the fabricated teacher's feature width
+
+
+def student_config(method: str, shared: bool) -> dict:
+    config = {"format": "harness.student/1", "recipe": method, "method": method, "model": "test_resnet",
+              "model_kwargs": {}, "num_classes": 10, "preprocess": PRE}
+    if shared:
+        width = timm.create_model("test_resnet", num_classes=10).num_features
+        config["shared_classifier"] = {"taps": ["map"], "teacher_sizes": [None], "teacher_weights": [1.0],
+                                       "projector_factor": 4, "projector_dims": [[width, PROJECTED]],
+                                       "classifier_bias": [True]}
+    return config
+
+
+def fabricate_run(run_dir: Path, method: str, model: str, top1_by_epoch: list[float], wall: float,
+                  student_file: Path) -> None:
+    """A finished run's files as harness/run.py writes them (only the keys the report reads)."""
+    run_dir.mkdir(parents=True)
+    records = [{"kind": "eval", "epoch": 0, "step": 0, "teachers_as_loaded": {}}]
+    for epoch, top1 in enumerate(top1_by_epoch, start=1):
+        records.append({"kind": "train", "epoch": epoch - 1, "step": 10 * epoch, "loss": 1.0})
+        records.append({"kind": "eval", "epoch": epoch, "step": 10 * epoch,
+                        "student": {"top1": top1, "top5": 1.0, "samples": 359}})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"recipe": method, "method": method, "student": {"top1": top1_by_epoch[-1], "top5": 1.0, "samples": 359},
+         "teachers": {}, "images_per_s": 100.0, "wall_time_s": wall, "epochs": len(top1_by_epoch)}))
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(
+        {"student": {"model": model}, "method": {"name": method, "adapt_after": 0},
+         "data": {"image_size": 32, "batch_size": 64}, "schedule": {"epochs": len(top1_by_epoch), "name": "cosine"},
+         "optim": {"lr": 0.1}}))
+    (run_dir / "student.safetensors").symlink_to(student_file)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    """Real exported students: a plain timm model, and a shared-classifier one (backbone + P + C)."""
+    tmp = tmp_path_factory.mktemp("exports")
+    files = {}
+    for method, shared in (("supervised", False), ("atsc", True)):
+        config = student_config(method, shared)
+        files[method] = tmp / f"{method}.safetensors"
+        save_student(build_from_config(config).state_dict(), config, files[method])
+    return files
+
+
+def test_report_means_stds_params_and_plot(tmp_path, exported):
+    curves = {
+        "supervised": {0: [0.5, 0.8, 0.90], 1: [0.4, 0.7, 0.86], 2: [0.6, 0.8, 0.88]},
+        "atsc": {0: [0.6, 0.9, 0.97], 1: [0.7, 0.9, 0.95], 2: [0.5, 0.9, 0.96]},
+    }
+    walls = {"supervised": [10.0, 12.0, 14.0], "atsc": [30.0, 31.0, 35.0]}
+    for method, by_seed in curves.items():
+        for seed, curve in by_seed.items():
+            fabricate_run(tmp_path / f"{method}-s{seed}", method, "test_resnet", curve, walls[method][seed],
+                          exported[method])
+    fabricate_run(tmp_path / "teacher-resnet18", "supervised", "resnet18", [0.9, 0.98], 50.0, exported["supervised"])
+
+    result = compare.report(tmp_path, ["supervised", "atsc"], [0, 1, 2], ["teacher-resnet18"])
+
+    rows = {r["method"]: r for r in result["methods"]}
+    for method, by_seed in curves.items():
+        finals = [c[-1] for c in by_seed.values()]
+        assert rows[method]["top1_mean"] == pytest.approx(statistics.fmean(finals))
+        assert rows[method]["top1_std"] == pytest.approx(statistics.stdev(finals))
+        assert rows[method]["wall_mean_s"] == pytest.approx(statistics.fmean(walls[method]))
+        assert rows[method]["epochs"] == [1, 2, 3]
+        assert rows[method]["curve_mean"][1] == pytest.approx(statistics.fmean(c[1] for c in by_seed.values()))
+        assert rows[method]["curve_std"][0] == pytest.approx(statistics.stdev(c[0] for c in by_seed.values()))
+    # the fabricated supervised std by hand: finals 0.90, 0.86, 0.88 -> std 0.02
+    assert rows["supervised"]["top1_std"] == pytest.approx(0.02)
+
+    # parameter counts: the plain student with its head; the shared one without its unused head
+    plain = timm.create_model("test_resnet", num_classes=10)
+    n_plain = sum(p.numel() for p in plain.parameters())
+    n_head = sum(p.numel() for p in plain.get_classifier().parameters())
+    shared = build_from_config(student_config("atsc", True))
+    n_projector = sum(p.numel() for p in shared.projectors.parameters())
+    assert rows["supervised"]["params"] == n_plain
+    assert rows["atsc"]["params"] == n_plain - n_head + n_projector + PROJECTED * 10 + 10
+    assert rows["atsc"]["params_in_file"] - rows["atsc"]["params"] == n_head
+    assert result["teachers"]["teacher-resnet18"]["top1"] == pytest.approx(0.98)
+
+    md = (tmp_path / "compare.md").read_text()
+    assert f"| {rows['atsc']['label']} | 0.9600 ± 0.0100 | 0.9700 / 0.9500 / 0.9600 | {rows['atsc']['params']:,} |" in md
+    assert "| supervised (student alone) | 0.8800 ± 0.0200 |" in md
+    png = (tmp_path / "top1.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["methods"][1]["top1_by_seed"] == {"0": 0.97, "1": 0.95, "2": 0.96}
+
+
+def test_unfinished_run_is_named(tmp_path, exported):
+    fabricate_run(tmp_path / "supervised-s0", "supervised", "test_resnet", [0.5, 0.9], 10.0, exported["supervised"])
+    (tmp_path / "supervised-s0" / "summary.json").unlink()
+    with pytest.raises(compare.CompareError, match=r"supervised-s0/summary.json is missing"):
+        compare.report(tmp_path, ["supervised"], [0], [])
+
+
+def test_plan_trains_each_teacher_once_and_points_students_at_it(tmp_path):
+    teachers, students = compare.plan(["atsc", "atsc-2teachers", "supervised"], [0, 1], tmp_path,
+                                      ["runtime.threads=1"])
+    assert [t.name for t in teachers] == ["teacher-resnet18", "teacher-regnetx"]
+    assert [s.name for s in students][:3] == ["atsc-s0", "atsc-2teachers-s0", "supervised-s0"]
+    two = next(s for s in students if s.name == "atsc-2teachers-s1")
+    assert f"teachers.1.checkpoint={tmp_path / 'teacher-regnetx' / 'student.safetensors'}" in two.sets
+    assert "runtime.seed=1" in two.sets and "runtime.threads=1" in two.sets
+    assert len({s.key for s in students}) == len(students)  # every run its own key
