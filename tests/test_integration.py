@@ -166,3 +166,20 @@ def test_export_from_a_zero_checkpoint_and_evaluate_it(zero_runs, digits, stage)
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["samples"] == 359
     assert metrics["top1"] == pytest.approx(summary(run)["student"]["top1"], abs=1e-9)
+
+
+def test_resume_at_another_world_size(work, digits, teacher, zero_runs):
+    """ZeRO-0 checkpoints continue at any world size; partitioned ones refuse and say how to resume."""
+    recipe = tiny_recipe(work, digits, "atsc-2to1", teachers=[{"model": "test_resnet", "checkpoint": str(teacher)}],
+                         method={"name": "atsc", "anchor_weight": 1.0, "adapt_after": 1},
+                         schedule={"epochs": 2, "name": "cosine"}, runtime={"log_every": 5, "zero_stage": 0})
+    assert launch([str(recipe), "--stop-after-epochs", "1"], cwd=work, processes=2).returncode == 0
+    assert launch([str(recipe), "--resume"], cwd=work, processes=1).returncode == 0
+    s = summary(work / "atsc-2to1")
+    assert s["world_size"] == 1 and s["epochs"] == 2 and s["student"]["top1"] > 0.5  # chance: 0.1
+
+    finished = summary(zero_runs[2])
+    refused = launch([str(work / "atsc-zero2.yaml"), "--resume"], cwd=work, processes=1)
+    assert refused.returncode != 0
+    assert "partitioned over 2 ranks (ZeRO); resume it with 2 processes" in refused.stderr
+    assert summary(zero_runs[2]) == finished  # the run it refused is untouched
