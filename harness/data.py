@@ -25,16 +25,21 @@ import logging
 import math
 import os
 import random
+import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import braceexpand
 import torch
 from PIL import Image
+from torch.nn import functional as nn_functional
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import functional as TF
 from webdataset.tariterators import tarfile_samples
 
 log = logging.getLogger(__name__)
@@ -94,6 +99,197 @@ def normalize(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     mean = torch.tensor(pre.mean, device=images.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(pre.std, device=images.device).view(1, 3, 1, 1) * 255
     return (images.float() - mean) / std
+
+
+# --- the GPU data path (`data.decode: gpu`)
+#
+# Workers do not decode: they read the tar sample, check the label, read the image header
+# (PIL opens lazily: size and mode without decoding) and draw the crop box and flip with the
+# same per-sample seeding and the same torchvision calls as the CPU path, so a sample is cropped
+# identically on either path. The batch crosses to the training process still compressed; there
+# DeviceDecode decodes it in one batched nvJPEG call, crops, resizes and flips on the GPU.
+
+
+class Encoded(NamedTuple):
+    """A batch as the GPU path's workers hand it over: compressed bytes and what to do with them.
+
+    The JPEG bytes travel as one tensor (one shared-memory block per batch, not one per image).
+    """
+
+    data: torch.Tensor  # every sample's JPEG bytes, concatenated (uint8)
+    lengths: torch.Tensor  # (N,) bytes per sample
+    boxes: torch.Tensor  # (N, 4) top, left, height, width of the crop in the source image (training)
+    flips: torch.Tensor  # (N,) bool: flip horizontally after the crop (training)
+    where: tuple[str, ...]  # shard:key per sample, to name one that fails to decode
+
+
+class DeferredDecode:
+    """The GPU path's worker half, passed to :class:`ShardStream` in place of a transform.
+
+    ``crop`` (train): the RandomResizedCrop scale and ratio ranges and the flip probability;
+    None (eval): no randomness, the decode stage resizes and center-crops like
+    :func:`eval_transform`.
+    """
+
+    def __init__(self, pre: Preprocess, crop: Optional[tuple[Sequence[float], Sequence[float], float]] = None):
+        self.pre = pre
+        self.train = crop is not None
+        if crop is not None:
+            scale, ratio, self.hflip = crop
+            # the CPU path's own transform object, so its get_params and ranges are used as they are
+            self.rrc = T.RandomResizedCrop(pre.image_size, scale=tuple(scale), ratio=tuple(ratio), antialias=True)
+
+    def plan(self, sample: dict, num_classes: int, seed: int) -> Optional[tuple[bytes, tuple[int, int, int, int], bool, int, str]]:
+        """(JPEG bytes, crop box, flip, label, shard:key) of one tar sample, or None (logged).
+
+        Skips exactly what :func:`_decode` skips, short of JPEG bodies that only fail to
+        decode (the decode stage skips those). Anything nvJPEG should not see (PNG, WebP,
+        grey, CMYK, palette JPEGs, and JPEGs without an end marker in their last KiB, which
+        may be truncated) is decoded and re-encoded here as an RGB JPEG, quality 95, 4:4:4.
+        """
+        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        try:
+            key = next(k for k in IMAGE_KEYS if k in sample)
+            data = sample[key]
+            image = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            if image.format != "JPEG" or image.mode != "RGB" or data.rfind(b"\xff\xd9", len(data) - 1024) < 0:
+                # decodes (no end marker: maybe truncated, which nvJPEG decodes without a word):
+                # a broken body fails here, as on the CPU path
+                data = _rgb_jpeg(image)
+            label = int(sample["cls"])
+        except (StopIteration, KeyError, ValueError, OSError) as e:
+            log.warning("skipping unreadable sample %s: %s", where, e)
+            return None
+        if not 0 <= label < num_classes:
+            log.warning("skipping sample %s: label %d outside [0, %d)", where, label, num_classes)
+            return None
+        if not self.train:
+            return data, (0, 0, image.height, image.width), False, label, where
+        # Same generator state, same calls in the same order as the CPU path's transform
+        # (RandomResizedCrop.forward, then RandomHorizontalFlip.forward): the same box and flip.
+        torch.random.default_generator.manual_seed(zlib.crc32(f"{seed}:{sample.get('__key__')}".encode()))
+        box = self.rrc.get_params(image, self.rrc.scale, self.rrc.ratio)
+        flip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
+        return data, box, flip, label, where
+
+    @staticmethod
+    def collate(items: list[tuple]) -> tuple[Encoded, torch.Tensor]:
+        data = torch.frombuffer(bytearray().join(item[0] for item in items), dtype=torch.uint8)
+        return (Encoded(data, torch.tensor([len(item[0]) for item in items]), torch.tensor([item[1] for item in items]),
+                        torch.tensor([item[2] for item in items]), tuple(item[4] for item in items)),
+                torch.tensor([item[3] for item in items], dtype=torch.long))
+
+
+def _rgb_jpeg(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=95, subsampling=0)
+    return buf.getvalue()
+
+
+def _decode_jpegs(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """torchvision's (nvJPEG on CUDA) batched decode to RGB; raises RuntimeError on a bad one."""
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders for TorchCodec; this is the one call to move
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+
+
+class DeviceDecode:
+    """The GPU path's device half: decode, crop, resize, flip and normalise on the device.
+
+    torchvision's nvJPEG call holds the calling thread until its batch is decoded (it
+    synchronises its own stream), so on CUDA a background thread decodes the next batch, on a
+    side stream, while the training thread launches the step on the current one (the GIL is
+    released inside the decode). Each batch is handed over with an event the trainer's stream
+    waits on, and its tensors are marked as used by that stream so the allocator cannot recycle
+    them early. On the CPU the same code runs inline (torchvision's libjpeg decode): how tests
+    run it.
+    """
+
+    def __init__(self, pre: Preprocess, device: torch.device, train: bool):
+        self.pre, self.device, self.train = pre, torch.device(device), train
+        self.resize = int(math.floor(pre.image_size / pre.crop_pct))  # as eval_transform
+
+    def __call__(self, batches: Iterator[tuple]) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]]:
+        if self.device.type != "cuda":
+            for encoded, y, book in batches:
+                yield self._finish(encoded, y, book)
+            return
+        side = torch.cuda.Stream(self.device)
+
+        def produce():  # in the decode thread: the next batch from the workers, finished on the side stream
+            item = next(batches, None)
+            if item is None:
+                return None
+            with torch.cuda.device(self.device), torch.cuda.stream(side):
+                x, y, book = self._finish(*item)
+                return x, y, book, side.record_event()
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="gpu-decode")
+        try:
+            ahead = pool.submit(produce)
+            while (done := ahead.result()) is not None:
+                ahead = pool.submit(produce)  # one batch ahead: decoded while the trainer uses this one
+                yield self._hand_over(*done)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _hand_over(self, x: torch.Tensor, y: torch.Tensor, book: tuple, ready: torch.cuda.Event):
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(ready)
+        x.record_stream(stream)
+        y.record_stream(stream)
+        return x, y, book
+
+    def _finish(self, encoded: Encoded, y: torch.Tensor, book: tuple[int, int, int]):
+        """One batch on the current stream; samples that fail to decode are dropped and counted."""
+        images = self._decode(list(torch.split(encoded.data, encoded.lengths.tolist())), encoded.where)
+        keep = [i for i, image in enumerate(images) if image is not None]
+        side = self.pre.image_size
+        if self.train:
+            # float from the crop on, rounded once per batch: three kernels an image where
+            # TF.resized_crop on uint8 takes six, and the values the CPU path's uint8 crop holds
+            out = torch.empty(len(keep), 3, side, side, device=self.device)
+            boxes = encoded.boxes.tolist()
+            for n, i in enumerate(keep):
+                top, left, height, width = boxes[i]
+                crop = images[i][None, :, top:top + height, left:left + width].float()
+                out[n] = nn_functional.interpolate(crop, size=(side, side), mode="bilinear", align_corners=False,
+                                                   antialias=True)[0]
+            out.round_()
+            flip = encoded.flips[keep].nonzero().flatten().tolist()
+            if flip:
+                index = torch.tensor(flip, device=self.device)
+                out[index] = out[index].flip(-1)
+        else:
+            out = torch.empty(len(keep), 3, side, side, dtype=torch.uint8, device=self.device)
+            for n, i in enumerate(keep):
+                out[n] = TF.center_crop(TF.resize(images[i], [self.resize], antialias=True), [side])
+        if len(keep) < len(images):
+            y = y[keep]
+        worker, emitted, skipped = book
+        return normalize(out, self.pre), y.to(self.device, non_blocking=True), (worker, emitted, skipped + len(images) - len(keep))
+
+    def _decode(self, blobs: list[torch.Tensor], where: Sequence[str]) -> list[Optional[torch.Tensor]]:
+        try:
+            return list(_decode_jpegs(blobs, self.device))
+        except RuntimeError:
+            pass  # some image in the batch is bad: find it, keep the rest
+        images: list[Optional[torch.Tensor]] = []
+        for blob, name in zip(blobs, where):
+            image, error = None, None
+            for device in dict.fromkeys((self.device, torch.device("cpu"))):
+                try:
+                    image = _decode_jpegs([blob], device)[0].to(self.device)
+                    break
+                except RuntimeError as e:
+                    error = e
+            if image is None:
+                log.warning("skipping undecodable JPEG %s: %s", name, str(error).splitlines()[-1][:200])
+            elif error is not None:  # nvJPEG refused what libjpeg reads: kept, as the CPU path would
+                log.warning("decoded %s on the CPU: nvJPEG refused it (%s)", name, str(error).splitlines()[-1][:200])
+            images.append(image)
+        return images
 
 
 def _decode(sample: dict, transform, num_classes: int, seed: int) -> Optional[tuple[torch.Tensor, int]]:
@@ -262,16 +458,22 @@ class ShardStream(IterableDataset):
         items: list[tuple[torch.Tensor, int]] = []
         for sample in samples:
             emitted += 1
-            item = _decode(sample, self.transform, self.num_classes, hash((self.seed, self.epoch)) & 0xFFFFFFFF)
+            seed = hash((self.seed, self.epoch)) & 0xFFFFFFFF
+            item = (self.transform.plan(sample, self.num_classes, seed) if isinstance(self.transform, DeferredDecode)
+                    else _decode(sample, self.transform, self.num_classes, seed))
             if item is None:
                 skipped += 1
                 continue
             items.append(item)
             if len(items) == self.batch_size:
-                yield (*_collate(items), (worker, emitted, skipped))
+                yield (*self._batch(items), (worker, emitted, skipped))
                 items, skipped = [], 0
         if items and not self.train:
-            yield (*_collate(items), (worker, emitted, skipped))
+            yield (*self._batch(items), (worker, emitted, skipped))
+
+    def _batch(self, items: list[tuple]) -> tuple:
+        """(images, labels): uint8 images (CPU path), or an :class:`Encoded` batch (GPU path)."""
+        return self.transform.collate(items) if isinstance(self.transform, DeferredDecode) else _collate(items)
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
@@ -308,6 +510,9 @@ class EpochLoader:
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=4 if workers else None, persistent_workers=False)
         self.position = Position()
+        # the GPU path: workers hand over compressed batches, decoded here on `device`
+        deferred = isinstance(stream.transform, DeferredDecode)
+        self.decode = DeviceDecode(pre, self.device, stream.train) if deferred else None
 
     def batches_in_epoch(self, epoch: int) -> Optional[int]:
         if not self.stream.train:
@@ -321,17 +526,22 @@ class EpochLoader:
         limit = self.batches_in_epoch(epoch)
         batches = iter(self.loader)
         if limit is not None:
-            batches = itertools.chain(batches, self._top_up())
-        while limit is None or self.position.batches < limit:
-            item = next(batches, None)
-            if item is None:
-                return
-            x, y, (worker, emitted, skipped) = item
+            # exactly the batches still due: the GPU path's look-ahead must not reach past them
+            batches = itertools.islice(itertools.chain(batches, self._top_up()), max(limit - self.position.batches, 0))
+        # the position advances as a batch is handed to the trainer, not when it is prefetched
+        for x, y, (worker, emitted, skipped) in self._on_device(batches):
             self.position.batches += 1
             if worker >= 0:
                 self.position.emitted[worker] = emitted
             self.position.skipped += skipped
-            yield normalize(x.to(self.device, non_blocking=True), self.pre), y.to(self.device, non_blocking=True)
+            yield x, y
+
+    def _on_device(self, batches: Iterator[tuple]) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]]:
+        if self.decode is not None:
+            yield from self.decode(batches)
+            return
+        for x, y, book in batches:  # the CPU path: workers decoded and cropped; scale and normalise here
+            yield normalize(x.to(self.device, non_blocking=True), self.pre), y.to(self.device, non_blocking=True), book
 
     def _top_up(self):
         log.warning("rank %d ran short of samples this epoch (skipped samples?); topping up from a second "
@@ -349,6 +559,20 @@ def shard_lengths(urls: Sequence[str], split: str) -> dict[str, int]:
     return {u: by_name[os.path.basename(u)] for u in urls if os.path.basename(u) in by_name}
 
 
+def decode_on(setting: str, device: torch.device) -> str:
+    """`data.decode` resolved for this process's device: "cpu" or "gpu".
+
+    An explicit "gpu" without CUDA is an error rather than a quiet fallback: a run (or a
+    benchmark) asked for one data path and must not measure the other.
+    """
+    if setting == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    if setting == "gpu" and device.type != "cuda":
+        raise DataError(f"`data.decode: gpu` decodes with nvJPEG on a CUDA device, but this process runs on "
+                        f"{device.type}; set `data.decode` to `auto` or `cpu`")
+    return setting
+
+
 def build_loaders(recipe, pre: Preprocess, rank: int, world_size: int, device: torch.device,
                   grad_accum: int = 1) -> tuple[EpochLoader, EpochLoader]:
     """Train and validation loaders for this rank."""
@@ -364,10 +588,14 @@ def build_loaders(recipe, pre: Preprocess, rank: int, world_size: int, device: t
                             f"{train_urls[0]}; write shards with `python -m shards.write` or set `data.train_samples`")
         lengths = {u: d.train_samples // len(train_urls) for u in train_urls}  # an estimate; see EpochLoader
     seed = recipe.runtime.seed
-    train = ShardStream(train_urls, train_transform(pre, d.augment.crop_scale, d.augment.crop_ratio, d.augment.hflip),
-                        d.num_classes, d.batch_size, train=True, seed=seed, rank=rank, world_size=world_size,
-                        shuffle_buffer=d.shuffle_buffer, lengths=lengths)
-    val = ShardStream(val_urls, eval_transform(pre), d.num_classes, d.batch_size, train=False,
+    crop = (d.augment.crop_scale, d.augment.crop_ratio, d.augment.hflip)
+    if decode_on(d.decode, device) == "gpu":
+        train_tf, val_tf = DeferredDecode(pre, crop), DeferredDecode(pre)
+    else:
+        train_tf, val_tf = train_transform(pre, *crop), eval_transform(pre)
+    train = ShardStream(train_urls, train_tf, d.num_classes, d.batch_size, train=True, seed=seed, rank=rank,
+                        world_size=world_size, shuffle_buffer=d.shuffle_buffer, lengths=lengths)
+    val = ShardStream(val_urls, val_tf, d.num_classes, d.batch_size, train=False,
                       rank=rank, world_size=world_size)
     pin_memory = device.type == "cuda"
     train_loader = EpochLoader(train, d.workers, pin_memory, pre, device, multiple_of=grad_accum)

@@ -1,0 +1,162 @@
+"""The two data paths (`data.decode: cpu` and `gpu`) on one CUDA device: alone and under a training step.
+
+    python bench/gpu_data.py [--images 6144] [--workers 4 12] [--batch 256] [--model resnet50]
+
+Writes ImageNet-like JPEGs (500x375, quality 90, smooth content plus noise) as shards, then for
+each path and worker count measures in the same process: (a) the loader alone (images/s to
+the device, steady state: the first batch, worker start-up, is left out); (b) the loader under a
+real training step (timm model, bf16 autocast, channels_last, SGD), with the share of wall time
+spent waiting for data; and once (c) the step alone on one resident batch, the ceiling. For the
+GPU path it also reports the decode thread's time per batch in the decode stage and, of that, in
+the nvJPEG call. One JSON line per measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from harness.data import DeferredDecode, DeviceDecode, EpochLoader, Preprocess, ShardStream, train_transform
+
+PRE = Preprocess(image_size=224, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+CROP = ((0.08, 1.0), (3 / 4, 4 / 3), 0.5)
+PER_SHARD = 128
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def write_shard(args: tuple[str, int, int]) -> str:
+    url, start, n = args
+    rng = np.random.default_rng(start)
+    with wds.TarWriter(url) as sink:
+        for i in range(start, start + n):
+            base = rng.integers(0, 255, (47, 63, 3), dtype=np.uint8)
+            img = np.asarray(Image.fromarray(base).resize((500, 375), Image.BICUBIC)).astype(np.int16)
+            img = (img + rng.integers(-12, 12, img.shape)).clip(0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=90)
+            sink.write({"__key__": f"img{i:07d}", "jpg": buf.getvalue(), "cls": i % 1000})
+    return url
+
+
+def make_shards(root: Path, images: int) -> list[str]:
+    jobs = [(str(root / f"train-{s:06d}.tar"), s * PER_SHARD, min(PER_SHARD, images - s * PER_SHARD))
+            for s in range((images + PER_SHARD - 1) // PER_SHARD)]
+    with Pool(os.cpu_count()) as pool:
+        return pool.map(write_shard, jobs)
+
+
+def loader_for(path: str, urls: list[str], workers: int, batch: int) -> EpochLoader:
+    transform = DeferredDecode(PRE, CROP) if path == "gpu" else train_transform(PRE, *CROP)
+    lengths = {u: PER_SHARD for u in urls}
+    stream = ShardStream(urls, transform, 1000, batch, train=True, shuffle_buffer=512, lengths=lengths)
+    return EpochLoader(stream, workers, pin_memory=True, pre=PRE, device="cuda")
+
+
+class Step:
+    """One training step of a timm model in bf16 autocast, channels_last."""
+
+    def __init__(self, model: str):
+        import timm
+
+        self.model = timm.create_model(model, pretrained=False, num_classes=1000).cuda().to(memory_format=torch.channels_last)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(self.model(x.contiguous(memory_format=torch.channels_last)), y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def measure(loader: EpochLoader, step, epoch: int) -> dict:
+    """Steady-state images/s and data-wait share over one epoch (first batch left out)."""
+    batches = iter(loader.epoch(epoch))
+    x, y = next(batches)
+    if step:
+        step(x, y)
+    torch.cuda.synchronize()
+    start, seen, wait = time.perf_counter(), 0, 0.0
+    while True:
+        t = time.perf_counter()
+        batch = next(batches, None)
+        wait += time.perf_counter() - t
+        if batch is None:
+            break
+        x, y = batch
+        if step:
+            step(x, y)
+        seen += x.shape[0]
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return {"img_per_s": round(seen / wall, 1), "data_wait": round(wait / wall, 3), "images": seen}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=6144)
+    parser.add_argument("--workers", type=int, nargs="+", default=[4, 12])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--model", default="resnet50")
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+    emit(kind="env", torch=torch.__version__, gpu=torch.cuda.get_device_name(), cpus=os.cpu_count(), images=args.images)
+    decode_ms: list[float] = []
+    finish = DeviceDecode._finish
+
+    def timed_finish(self, *a):  # the training process's time in the decode stage, per batch
+        t = time.perf_counter()
+        out = finish(self, *a)
+        decode_ms.append((time.perf_counter() - t) * 1000)
+        return out
+
+    DeviceDecode._finish = timed_finish
+    nvjpeg_ms: list[float] = []
+    decode = DeviceDecode._decode
+
+    def timed_decode(self, *a):  # of which the nvJPEG call
+        t = time.perf_counter()
+        out = decode(self, *a)
+        nvjpeg_ms.append((time.perf_counter() - t) * 1000)
+        return out
+
+    DeviceDecode._decode = timed_decode
+    with tempfile.TemporaryDirectory() as tmp:
+        urls = make_shards(Path(tmp), args.images)
+        step = Step(args.model)
+        x = torch.randn(args.batch, 3, 224, 224, device="cuda")
+        y = torch.randint(0, 1000, (args.batch,), device="cuda")
+        for _ in range(5):
+            step(x, y)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            step(x, y)
+        torch.cuda.synchronize()
+        emit(kind="step_alone", model=args.model, img_per_s=round(10 * args.batch / (time.perf_counter() - t), 1))
+        for workers in args.workers:
+            for path in ("cpu", "gpu"):
+                for with_step in (False, True):
+                    decode_ms.clear()
+                    nvjpeg_ms.clear()
+                    result = measure(loader_for(path, urls, workers, args.batch), step if with_step else None, epoch=0)
+                    extra = {"stage_ms_per_batch": round(float(np.median(decode_ms)), 1),
+                             "nvjpeg_ms_per_batch": round(float(np.median(nvjpeg_ms)), 1)} if decode_ms else {}
+                    emit(kind="loader", path=path, workers=workers, with_step=with_step, **result, **extra)
+
+
+if __name__ == "__main__":
+    main()
