@@ -61,7 +61,8 @@ def build_distiller(recipe: Recipe, student: nn.Module, teachers: list[nn.Module
     taps, student_dims, teacher_dims, teacher_sizes = [], [], [], []
     for teacher, t_pre in zip(teachers, teacher_pres):
         t_size = t_pre.image_size
-        kind = "map" if student_kind == "map" and models.feature_kind(teacher, t_size) == "map" else "vector"
+        teacher_kind = models.feature_kind(teacher, t_size)  # always probed: it refuses a size the teacher cannot take
+        kind = "map" if student_kind == "map" and teacher_kind == "map" else "vector"
         t_dim, t_size = _feature_shape(teacher, kind, t_size)
         s_dim, _ = _feature_shape(student, kind, size)
         taps.append(kind)

@@ -109,15 +109,35 @@ def feature_kind(model: nn.Module, image_size: int) -> str:
     A 'map' model's last feature map can be projected spatially (SimKD's conv projector and the
     teacher classifier over GAP). Anything else (ViT tokens, heads with a norm) is distilled at
     its pooled pre-logits vector, where the classifier really applies.
+
+    This probe is the first forward of each model at its training resolution, so a model that
+    cannot take that input size (a ViT's fixed position embeddings, window sizes) is refused
+    here with the sizes that would work.
     """
     was_training = model.training
     model.eval()
     try:
         x = torch.randn(2, 3, image_size, image_size, device=next(model.parameters()).device)
-        features = model.forward_features(x)
+        try:
+            features = model.forward_features(x)
+            pooled = model.forward_head(features, pre_logits=True)
+        except (RuntimeError, AssertionError, ValueError) as e:
+            raise ModelError(_size_message(model, image_size, e)) from None
         if features.dim() != 4:
             return "vector"
-        pooled = model.forward_head(features, pre_logits=True)
-        return "map" if torch.allclose(pooled.flatten(1), features.mean((2, 3)), atol=1e-5) else "vector"
+        mean = features.mean((2, 3))
+        # A head with layers after the pooling (MobileNetV3's conv_head) changes the width.
+        if pooled.flatten(1).shape != mean.shape:
+            return "vector"
+        return "map" if torch.allclose(pooled.flatten(1), mean, atol=1e-5) else "vector"
     finally:
         model.train(was_training)
+
+
+def _size_message(model: nn.Module, image_size: int, error: Exception) -> str:
+    arch = model.pretrained_cfg.get("architecture", type(model).__name__)
+    native = model.pretrained_cfg.get("input_size", (3, None, None))[-1]
+    return (f"{arch} cannot take {image_size} x {image_size} inputs ({str(error).splitlines()[0]}); set "
+            f"`data.image_size` (the student) or `teachers[].image_size` (a teacher) to a size it takes"
+            f"{f' (it was built for {native})' if native else ''}, or give it `model_kwargs` for the size "
+            f"(ViTs: {{img_size: {image_size}}} or {{dynamic_img_size: true}})")
