@@ -55,7 +55,12 @@ class AnchorMixin:
                 state["adapt_token"] = token
                 if group.get("anchor"):
                     state["anchor"] = p.detach().clone()
-            if group.get("anchor") and w and p.grad is not None:
+            if p.grad is None:
+                # No gradient from the loss (the classifier weight W_c: the bias step detaches it)
+                # still means a step: anchor and weight decay move it (ATSC.md section 2), as they
+                # do under ZeRO, whose flat partitions hold zeros there. torch would skip it.
+                p.grad = torch.zeros_like(p)
+            if group.get("anchor") and w:
                 diff = p - state["anchor"]
                 if self.track_anchor:
                     terms[id(p)] = diff.float().pow(2).sum() * w
