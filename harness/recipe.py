@@ -121,6 +121,7 @@ class Runtime(_Section):
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept: the newest N, plus the best by student top-1")
     signal_check_every: int = Field(10, gt=0, description="optimizer steps between checks (one tiny collective) for a stop signal: SIGUSR1 saves and exits for requeue, SIGTERM saves and stops")
     threads: Optional[int] = Field(None, gt=0, description="torch CPU threads per process; null: torch's default")
+    compile: bool = Field(False, description="torch.compile the distiller's training forward (student, projectors, teachers); stages 0-2; the first steps are slow while it compiles")
     max_nonfinite_steps: int = Field(20, gt=0, description="optimizer steps in a row with a NaN/inf loss (each skipped, on every rank) before the run stops, naming the last good checkpoint; checked every `signal_check_every` steps")
 
 
@@ -145,6 +146,9 @@ class Recipe(_Section):
             raise ValueError(f"`method.name: {name}` needs at least one entry in `teachers`")
         if name == "kd" and len(self.teachers) > 1:
             raise ValueError("`method.name: kd` takes one teacher; use simkd or atsc for several")
+        if self.runtime.compile and self.runtime.zero_stage == 3:
+            raise ValueError("`runtime.compile` is not supported with `runtime.zero_stage: 3`, whose per-module "
+                             "parameter gathering hooks break the compiled graph; use stage 0-2 or set compile false")
         if self.method.bias_step == "two_pass" and self.runtime.zero_stage == 3:
             raise ValueError("`method.bias_step: two_pass` steps the classifier bias outside the ZeRO engine, "
                              "which stage 3 partitions; use `fused` or `runtime.zero_stage` 0-2")
