@@ -131,7 +131,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
     optimizer = build_optimizer(distiller.param_groups(), recipe.optim, m.anchor_weight)
     two_pass = m.name == "atsc" and m.bias_step == "two_pass"
     bias_opt = bias_optimizer(distiller.bias_parameters(), recipe.optim) if two_pass else None
-    engine = build_engine(distiller, optimizer, rt, d.batch_size, rr.grad_accum, recipe.optim.grad_clip)
+    engine = build_engine(distiller, optimizer, rt, d.batch_size, rr.grad_accum, recipe.optim.grad_clip, rr.compile)
     inner = base_optimizer(engine)
     schedule, lr0 = LRSchedule(recipe.schedule), peak_lr(recipe.optim, global_batch)
     eval_models = {"student": distiller.deployed(),
