@@ -307,7 +307,7 @@ def write_plot(path: Path, rows: Sequence[dict[str, Any]], teachers: dict[str, d
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), dpi=120)
     last = max(e for r in rows for e in r["epochs"])
     for ax, first in zip(axes, (1, max(1, (last + 1) // 2))):
         low = []
@@ -322,7 +322,7 @@ def write_plot(path: Path, rows: Sequence[dict[str, Any]], teachers: dict[str, d
         for t in teachers.values():
             ax.axhline(t["top1"], linestyle="--", linewidth=1, color="grey")
             ax.annotate(f"teacher {t['model']} {t['top1']:.3f}", (first, t["top1"]), fontsize=7, color="grey",
-                        xytext=(2, 2), textcoords="offset points")
+                        xytext=(2, -2), textcoords="offset points", ha="left", va="top")  # early epochs sit low
         top = max([t["top1"] for t in teachers.values()] + [max(r["curve_mean"]) for r in rows])
         ax.set_ylim(min(low) - 0.01, min(1.0, top + 0.01) + 0.005)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -330,9 +330,10 @@ def write_plot(path: Path, rows: Sequence[dict[str, Any]], teachers: dict[str, d
         ax.set_title("all epochs" if first == 1 else f"epochs {first}-{last}, zoomed")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation top-1 of the deployed student")
-    axes[1].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)  # below the panels: curves stay visible
     fig.suptitle("Does ATSC help? Mean over seeds, ± 1 std shaded")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
