@@ -26,7 +26,7 @@ runs/demo-teacher/student.safetensors: | data/digits/_info.json
 demo: runs/demo-teacher/student.safetensors
 	$(LAUNCH) harness/run.py recipes/demo.yaml --resume
 
-# Every method on the digits, 3 seeds each (27 min on 2 busy CPU cores; the teachers, once, 20 more):
+# Every method on the digits, 3 seeds each (24 min on 2 busy CPU cores; the teachers, once, 20 more):
 # runs/compare/compare.md, compare.json and top1.png. Finished runs are reused; COMPARE_ARGS passes options.
 compare: install data/digits/_info.json
 	$(PY) bench/compare.py $(COMPARE_ARGS)
