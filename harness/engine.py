@@ -125,7 +125,28 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     config = deepspeed_config(rt, micro_batch, grad_accum, grad_clip, trainable)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if rt.zero_stage == 3:
+        _share_master_partitions(engine.optimizer)
     return engine
+
+
+def _share_master_partitions(zero3) -> None:
+    """Drop DeepSpeed 0.19's second fp32 copy of each stage-3 weight partition.
+
+    With fp32 weights (fp32 runs, and bf16 under ``torch_autocast``) stage 3 means to step the
+    weight partitions themselves (``_create_fp32_partitions``), but decides so by comparing a
+    ``torch.device`` with a device name ``str``, which is never equal, and keeps a copy: a
+    third more memory per rank than the partitioning should cost (README, memory per rank).
+    Pointing each master tensor at its partition's storage is the path DeepSpeed takes when the
+    comparison works: same objects (the optimizer's state stays keyed as it was), same values.
+    """
+    masters = getattr(zero3, "fp32_partitioned_groups_flat", None) or []
+    weights = getattr(zero3, "fp16_partitioned_groups_flat", None) or []
+    for master, partition in zip(masters, weights):
+        if (partition is not None and master is not partition and master.dtype == partition.dtype
+                and master.device == partition.device and master.shape == partition.shape
+                and master.data_ptr() != partition.data_ptr()):
+            master.data = partition.data
 
 
 def deepspeed_config(rt: Runtime, micro_batch: int, grad_accum: int, grad_clip: Optional[float],

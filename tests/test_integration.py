@@ -86,19 +86,21 @@ def test_zero_stages_0_2_and_3_reach_the_same_losses(zero_runs, zero0_run):
         assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
 
 
-def test_resume_mid_run_gives_the_same_final_weights(work, digits, teacher, zero_runs):
-    recipe = atsc_recipe(work, digits, teacher, "atsc-resumed", 2)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_mid_run_gives_the_same_final_weights(work, digits, teacher, zero_runs, stage):
+    name = f"atsc-resumed{stage}"
+    recipe = atsc_recipe(work, digits, teacher, name, stage)
     # 22 steps per epoch: stop in the middle of the second epoch, the first with adapted teachers
     first = launch([str(recipe), "--stop-after-steps", "30"], cwd=work, processes=2)
     assert first.returncode == 0
-    assert not (work / "atsc-resumed" / "student.safetensors").exists()
-    assert (work / "atsc-resumed" / "checkpoints" / "latest").read_text().strip() == "epoch0001-step00000030"
+    assert not (work / name / "student.safetensors").exists()
+    assert (work / name / "checkpoints" / "latest").read_text().strip() == "epoch0001-step00000030"
     again = launch([str(recipe)], cwd=work, processes=2)  # no --resume: refused, nothing overwritten
     assert again.returncode != 0 and "pass --resume" in again.stderr
     second = launch([str(recipe), "--resume"], cwd=work, processes=2)
     assert second.returncode == 0
-    resumed = load_file(str(work / "atsc-resumed" / "student.safetensors"))
-    straight = load_file(str(zero_runs[2] / "student.safetensors"))
+    resumed = load_file(str(work / name / "student.safetensors"))
+    straight = load_file(str(zero_runs[stage] / "student.safetensors"))
     assert resumed.keys() == straight.keys()
     for key in straight:
         assert torch.allclose(resumed[key], straight[key], atol=1e-6), key
