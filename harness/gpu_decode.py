@@ -14,7 +14,6 @@ import io
 import logging
 import math
 import warnings
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, NamedTuple, Optional, Sequence
 
@@ -25,7 +24,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
 
-from harness.transforms import IMAGE_KEYS, Preprocess, normalize
+from harness.transforms import Preprocess, image_bytes, label_in_range, normalize, sample_name, seed_augmentation
 
 log = logging.getLogger("harness.data")
 
@@ -67,10 +66,9 @@ class DeferredDecode:
         grey, CMYK, palette JPEGs, and JPEGs without an end marker in their last KiB, which
         may be truncated) is decoded and re-encoded here as an RGB JPEG, quality 95, 4:4:4.
         """
-        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        where = sample_name(sample)
         try:
-            key = next(k for k in IMAGE_KEYS if k in sample)
-            data = sample[key]
+            data = image_bytes(sample)
             image = Image.open(io.BytesIO(data))  # lazy: reads the header only
             if image.format != "JPEG" or image.mode != "RGB" or data.rfind(b"\xff\xd9", len(data) - 1024) < 0:
                 # decodes (no end marker: maybe truncated, which nvJPEG decodes without a word):
@@ -80,14 +78,13 @@ class DeferredDecode:
         except (StopIteration, KeyError, ValueError, OSError) as e:
             log.warning("skipping unreadable sample %s: %s", where, e)
             return None
-        if not 0 <= label < num_classes:
-            log.warning("skipping sample %s: label %d outside [0, %d)", where, label, num_classes)
+        if not label_in_range(label, num_classes, where):
             return None
         if not self.train:
             return data, (0, 0, image.height, image.width), False, label, where
         # Same generator state, same calls in the same order as the CPU path's transform
         # (RandomResizedCrop.forward, then RandomHorizontalFlip.forward): the same box and flip.
-        torch.random.default_generator.manual_seed(zlib.crc32(f"{seed}:{sample.get('__key__')}".encode()))
+        seed_augmentation(sample, seed)
         box = self.rrc.get_params(image, self.rrc.scale, self.rrc.ratio)
         flip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
         return data, box, flip, label, where

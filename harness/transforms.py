@@ -68,16 +68,38 @@ def normalize(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     return (images.float() - mean) / std
 
 
+def sample_name(sample: dict) -> str:
+    """``shard:key`` of a tar sample, for the messages that skip it."""
+    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+
+def image_bytes(sample: dict) -> bytes:
+    """The encoded image of a tar sample (StopIteration when it has none)."""
+    return sample[next(k for k in IMAGE_KEYS if k in sample)]
+
+
+def label_in_range(label: int, num_classes: int, where: str) -> bool:
+    if 0 <= label < num_classes:
+        return True
+    log.warning("skipping sample %s: label %d outside [0, %d)", where, label, num_classes)
+    return False
+
+
+def seed_augmentation(sample: dict, seed: int) -> None:
+    """Seed the augmentation from (seed, key): both data paths then draw a sample's crop alike."""
+    # The CPU generator alone: torch.manual_seed also queues CUDA/XPU seeding, ~1 ms a call.
+    torch.random.default_generator.manual_seed(zlib.crc32(f"{seed}:{sample.get('__key__')}".encode()))
+
+
 def decode_sample(sample: dict, transform, num_classes: int, seed: int) -> Optional[tuple[torch.Tensor, int]]:
     """Image tensor and label of one tar sample, or None (logged) when it cannot be used.
 
     The augmentation's randomness is seeded from the sample itself, so a sample's crop depends
     on (seed, epoch, key) alone: a resumed run crops exactly as an uninterrupted one.
     """
-    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    where = sample_name(sample)
     try:
-        key = next(k for k in IMAGE_KEYS if k in sample)
-        image = Image.open(io.BytesIO(sample[key]))
+        image = Image.open(io.BytesIO(image_bytes(sample)))
         image.load()
         if image.mode != "RGB":  # convert() copies the image even when it has nothing to convert
             image = image.convert("RGB")
@@ -85,9 +107,7 @@ def decode_sample(sample: dict, transform, num_classes: int, seed: int) -> Optio
     except (StopIteration, KeyError, ValueError, OSError) as e:
         log.warning("skipping unreadable sample %s: %s", where, e)
         return None
-    if not 0 <= label < num_classes:
-        log.warning("skipping sample %s: label %d outside [0, %d)", where, label, num_classes)
+    if not label_in_range(label, num_classes, where):
         return None
-    # The CPU generator alone: torch.manual_seed also queues CUDA/XPU seeding, ~1 ms a call.
-    torch.random.default_generator.manual_seed(zlib.crc32(f"{seed}:{sample.get('__key__')}".encode()))
+    seed_augmentation(sample, seed)
     return transform(image), label
