@@ -7,6 +7,7 @@ write ``summary.json``. Methods live in ``method.py``; this file only orchestrat
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import math
@@ -84,6 +85,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # `kill -USR2 <pid>` prints every thread's Python stack to stderr: where a stuck rank waits.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     # Handlers first: a warning signal that arrives during start-up must not kill the process.
     signals = StopSignals(Path(recipe.output), clear=os.environ.get("RANK", "0") == "0")
     rt = init_runtime(recipe.runtime.precision, recipe.runtime.zero_stage, recipe.runtime.threads)

@@ -56,6 +56,40 @@ def launch(args: list[str], cwd: Path, processes: int = 1, timeout: int = 600,
     return result
 
 
+def run_nodes(commands: list[list[str]], logs: list[Path], cwd: Path, marker: str, timeout: float = 600) -> list[int]:
+    """Run one launcher per "node" side by side, each logging to its file; their exit statuses.
+
+    Logs go to files, not pipes (a pipe read only after the other node ends can fill and block).
+    If a node fails, the others are stopped after a grace period instead of waiting out the
+    collective timeout; if the timeout passes, every rank first dumps its threads' stacks
+    (SIGUSR2, see harness/run.py) into the logs, so a hang shows where each rank waits.
+    ``marker`` is a string in every command line of this run (its output directory): torchrun
+    starts ranks in sessions of their own, so they are found by it, not by process group.
+    """
+    import time
+
+    nodes = []
+    for command, log in zip(commands, logs):
+        with log.open("w") as sink:
+            nodes.append(subprocess.Popen(command, cwd=cwd, env=LAUNCH_ENV, stdout=sink, stderr=subprocess.STDOUT))
+    deadline, failed_at = time.monotonic() + timeout, None
+    try:
+        while any(n.poll() is None for n in nodes):
+            now = time.monotonic()
+            if failed_at is None and any(n.returncode not in (None, 0) for n in nodes):
+                failed_at = now
+            if now > deadline or (failed_at is not None and now > failed_at + 60):
+                subprocess.run(["pkill", "-USR2", "-f", rf"-u \S*harness/run\.py .*{marker}"], check=False)
+                time.sleep(3)
+                break
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", marker], check=False)
+        for n in nodes:
+            n.wait()
+    return [n.returncode for n in nodes]
+
+
 def _free_port() -> int:
     import socket
 

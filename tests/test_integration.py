@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import subprocess
 
-from conftest import LAUNCH_ENV, _free_port, launch, launch_command, summary, tiny_recipe
+from conftest import LAUNCH_ENV, _free_port, launch, launch_command, run_nodes, summary, tiny_recipe
 from harness.data import EpochLoader, ShardStream, eval_transform, expand_urls
 from harness.export import load_student
 
@@ -139,12 +139,11 @@ def test_two_nodes_on_loopback_match_one_node_with_two_processes(work, digits, t
     recipe = atsc_recipe(work, digits, teacher, "atsc-zero2", 2)
     out = work / "atsc-2nodes"
     port = _free_port()
-    nodes = [subprocess.Popen(launch_command([str(recipe), "--set", f"output={out}"], processes=2, machines=2,
-                                             machine_rank=rank, port=port),
-                              cwd=work, env=LAUNCH_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    logs = [work / f"atsc-2nodes-node{rank}.log" for rank in (0, 1)]
+    commands = [launch_command([str(recipe), "--set", f"output={out}"], processes=2, machines=2, machine_rank=rank,
+                               port=port) for rank in (0, 1)]
+    codes = run_nodes(commands, logs, cwd=work, marker=str(out))
+    assert codes == [0, 0], "\n".join(f"--- node {rank}:\n{log.read_text()[-6000:]}" for rank, log in enumerate(logs))
     assert summary(out)["world_size"] == 2
     two_nodes = load_file(str(out / "student.safetensors"))
     one_node = load_file(str(zero_runs[2] / "student.safetensors"))
