@@ -125,28 +125,42 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     config = deepspeed_config(rt, micro_batch, grad_accum, grad_clip, trainable)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    if rt.zero_stage == 3:
-        _share_master_partitions(engine.optimizer)
+    _share_master_partitions(engine.optimizer)
     return engine
 
 
-def _share_master_partitions(zero3) -> None:
-    """Drop DeepSpeed 0.19's second fp32 copy of each stage-3 weight partition.
+def _share_master_partitions(zero) -> None:
+    """Drop DeepSpeed 0.19's second fp32 copy of each rank's weight partition (ZeRO 1-3).
 
-    With fp32 weights (fp32 runs, and bf16 under ``torch_autocast``) stage 3 means to step the
-    weight partitions themselves (``_create_fp32_partitions``), but decides so by comparing a
-    ``torch.device`` with a device name ``str``, which is never equal, and keeps a copy: a
-    third more memory per rank than the partitioning should cost (README, memory per rank).
-    Pointing each master tensor at its partition's storage is the path DeepSpeed takes when the
-    comparison works: same objects (the optimizer's state stays keyed as it was), same values.
+    With fp32 weights (fp32 runs, and bf16 under ``torch_autocast``) the optimizer's fp32
+    "master" partition holds the same values as the rank's partition of the weights, yet
+    DeepSpeed keeps it as a separate copy: stages 1-2 always clone it, stage 3 means to reuse
+    the weights (``_create_fp32_partitions``) but decides so by comparing a ``torch.device`` with
+    a device name ``str``, which is never equal. The copy costs a partition of fp32 memory per
+    rank (README, memory per rank) and, each step, a copy of the stepped values back into the
+    weights. Pointing each master tensor at its weight partition's storage makes the optimizer
+    step the weights in place (the same objects stay in the optimizer, its state keyed as
+    before; the copy back becomes a copy onto itself, which torch skips).
     """
-    masters = getattr(zero3, "fp32_partitioned_groups_flat", None) or []
-    weights = getattr(zero3, "fp16_partitioned_groups_flat", None) or []
-    for master, partition in zip(masters, weights):
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # stage 3
+        pairs = zip(zero.fp32_partitioned_groups_flat or [], zero.fp16_partitioned_groups_flat or [])
+    elif hasattr(zero, "single_partition_of_fp32_groups"):  # stages 1-2
+        pairs = ((master, partitions[dist.get_rank(group=zero.real_dp_process_group[i])])
+                 for i, (master, partitions) in enumerate(zip(zero.single_partition_of_fp32_groups,
+                                                                 zero.parallel_partitioned_bit16_groups)))
+    else:
+        return
+    shared = False
+    for master, partition in pairs:
         if (partition is not None and master is not partition and master.dtype == partition.dtype
                 and master.device == partition.device and master.shape == partition.shape
                 and master.data_ptr() != partition.data_ptr()):
             master.data = partition.data
+            shared = True
+    if shared and hasattr(zero, "single_partition_of_fp32_groups"):
+        # stages 1-2 keep each weight's view of its fp32 fragment (``safe_get_full_fp32_param``
+        # and universal checkpoints read them): rebuild the views over the shared storage
+        zero._link_all_hp_params()
 
 
 def deepspeed_config(rt: Runtime, micro_batch: int, grad_accum: int, grad_clip: Optional[float],

@@ -159,3 +159,56 @@ def test_compile_traces_the_step_and_matches_eager(monkeypatch):
     for key, value in eager_state.items():
         assert torch.allclose(value.float(), compiled_state[key].float(), rtol=1e-3, atol=1e-4), key
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_steps_the_weight_partitions_in_place(stage):
+    """No second fp32 copy of a rank's weight partition at ZeRO 1-3 (harness.engine._share_master_partitions).
+
+    The optimizer's master partitions are the weights' own storage, a step moves the module's
+    weights exactly as the master moved, and it equals LocalEngine's step (ZeRO-0) on the same batch.
+    """
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from harness.engine import Runtime, base_optimizer, build_engine, init_runtime, shutdown
+import tests.test_engine as T
+
+rt = init_runtime("fp32", {stage}, 1)
+recipe = T.tiny("atsc")
+torch.manual_seed(0)
+d, _ = T.build_method(recipe, load_weights=False)
+opt = T.build_optimizer(d.param_groups(), recipe.optim, recipe.method.anchor_weight)
+engine = build_engine(d, opt, rt, 8, 1, None)
+zero = engine.optimizer
+if {stage} == 3:
+    pairs = list(zip(zero.fp32_partitioned_groups_flat, zero.fp16_partitioned_groups_flat))
+else:
+    pairs = [(m, parts[0]) for m, parts in zip(zero.single_partition_of_fp32_groups, zero.parallel_partitioned_bit16_groups)]
+assert pairs and all(m.data_ptr() == w.data_ptr() for m, w in pairs), "a separate fp32 master copy"
+base_optimizer(engine).start_adaptation()
+T.set_teachers_trainable(base_optimizer(engine), True)
+d.set_adapting(True)
+d.train()
+local, local_d, _ = T.engine_for(recipe)
+for x, y in T.batches(3):
+    for e in (engine, local):
+        loss, _ = e(x, y)
+        e.backward(loss)
+        e.step()
+if {stage} == 3:
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(list(d.parameters())):
+        ours = {{k: v.detach().clone() for k, v in d.named_parameters()}}
+else:
+    ours = {{k: v.detach().clone() for k, v in d.named_parameters()}}
+for k, v in local_d.named_parameters():
+    assert torch.allclose(ours[k], v.detach(), atol=1e-5), k
+shutdown()
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
