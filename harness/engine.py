@@ -310,13 +310,17 @@ class LocalEngine:
             return
         path = os.path.join(save_dir, str(tag))
         os.makedirs(path, exist_ok=True)
+        # skipped_steps is DeepSpeed's count of fp16 overflow skips, which bf16/fp32 never take;
+        # steps skipped for a NaN/inf loss are the harness's own count (guard.py, run state)
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "global_steps": self.global_steps, "skipped_steps": 0, "dp_world_size": self.rt.world_size,
                  "mp_world_size": 1, "engine": "harness.LocalEngine", **(client_state or {})}
         torch.save(state, os.path.join(path, self.CHECKPOINT_FILE))
-        if save_latest:
-            with open(os.path.join(save_dir, "latest"), "w") as f:
+        if save_latest:  # DeepSpeed's pointer file, replaced whole (harness.checkpoint publishes its own)
+            pointer = os.path.join(save_dir, "latest")
+            with open(pointer + ".tmp", "w") as f:
                 f.write(str(tag))
+            os.replace(pointer + ".tmp", pointer)
 
     def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = False) -> tuple[Optional[str], Optional[dict]]:
