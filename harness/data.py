@@ -26,6 +26,7 @@ import glob
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
@@ -291,6 +292,24 @@ def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor | Pool
     return batch, labels
 
 
+def worker_context():
+    """Loader workers start from a fork server, never by forking the training process.
+
+    Workers are started anew each epoch (the stream's epoch and resume position travel with
+    them), by then in a process whose communication library runs threads of its own (gloo,
+    NCCL): a fork copies any lock such a thread holds, held forever in the child, the
+    multi-node hang at an epoch boundary that pytorch/pytorch#87995 and others report. The fork
+    server is a clean process, started once per training process (2-3 s here), that imports
+    torch, timm and the loader once and forks the workers: after the first, an epoch's workers
+    start as fast as forked ones (55-70 ms to the first batch, 2 workers, digits shards).
+    As with any non-fork start, a script that builds loaders itself needs the
+    ``if __name__ == "__main__":`` guard (``harness/run.py`` has it).
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "torch", "torchvision", "timm", "harness.data", "harness.models"])
+    return context
+
+
 class EpochLoader:
     """A DataLoader over a :class:`ShardStream` that tracks its :class:`Position`.
 
@@ -304,7 +323,8 @@ class EpochLoader:
         self.stream, self.multiple_of, self.pre, self.device = stream, multiple_of, pre, torch.device(device)
         stream.workers = max(workers, 1)
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                 prefetch_factor=4 if workers else None, persistent_workers=False)
+                                 prefetch_factor=4 if workers else None, persistent_workers=False,
+                                 multiprocessing_context=worker_context() if workers else None)
         self.position = Position()
         # the GPU path: workers hand over compressed batches, decoded here on `device`
         deferred = isinstance(stream.transform, DeferredDecode)
