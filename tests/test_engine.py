@@ -1,5 +1,7 @@
 """The ZeRO-0 engine (LocalEngine): the same updates as a hand-written loop, checkpoints, frozen teachers, compile."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -174,7 +176,7 @@ def test_zero_steps_the_weight_partitions_in_place(stage, accum):
 
     script = f"""
 import torch
-from harness.engine import Runtime, base_optimizer, build_engine, init_runtime, shutdown
+from harness.engine import base_optimizer, build_engine, init_runtime, shutdown
 import tests.test_engine as T
 
 rt = init_runtime("fp32", {stage}, 1)
@@ -203,11 +205,8 @@ if {stage} < 3:  # the weights still view the flat buffers DeepSpeed steps (the 
     for flat, group in zip(zero.bit16_groups_flat, zero.bit16_groups):
         start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
         assert all(start <= w.data_ptr() < end for w in group)
-if {stage} == 3:
-    import deepspeed
-    with deepspeed.zero.GatheredParameters(list(d.parameters())):
-        ours = {{k: v.detach().clone() for k, v in d.named_parameters()}}
-else:
+import contextlib, deepspeed
+with deepspeed.zero.GatheredParameters(list(d.parameters())) if {stage} == 3 else contextlib.nullcontext():
     ours = {{k: v.detach().clone() for k, v in d.named_parameters()}}
 for k, v in local_d.named_parameters():
     assert torch.allclose(ours[k], v.detach(), atol=1e-5), (k, (ours[k] - v.detach()).abs().max().item(), v.abs().max().item())
@@ -215,5 +214,5 @@ shutdown()
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+                            cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
