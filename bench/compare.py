@@ -1,21 +1,28 @@
-"""`make compare`: does ATSC help? Every method on the same small real task, several seeds each.
+"""`make compare` and `make reproduce`: a table of methods x teacher-student pairs x seeds, trained and reported.
 
-Trains the teachers once (cached), then ``supervised``, ``kd``, ``simkd``, ``atsc`` (adapted from
-the start), ``atsc`` frozen-then-adapted and two-teacher ``atsc`` from ``recipes/compare/*.yaml``,
-each through ``accelerate launch harness/run.py`` with ``--set output=... --set runtime.seed=...``,
-and reads what the runs wrote (``summary.json``, ``metrics.jsonl``, ``student.safetensors``) into
+A table file (``recipes/compare/table.yaml``, ``recipes/cifar100/table.yaml``) names the recipes of
+each row, the seeds and, where a paper published one, the number each row is to be compared with.
+The driver trains every teacher the student recipes name once (cached), then every row x seed,
+each through ``accelerate launch harness/run.py RECIPE --set output=... --set runtime.seed=...``,
+locally one run after another (``--jobs N`` at a time) or as SLURM array jobs (``--slurm``), and
+reads what the runs wrote (``summary.json``, ``metrics.jsonl``, ``student.safetensors``) into
 
-- ``<out>/compare.md``: student top-1 mean and std over seeds, deployed parameters, wall time;
-- ``<out>/compare.json``: the same with every run's numbers and per-epoch curves;
-- ``<out>/top1.png``: validation top-1 per epoch, mean over seeds with the std shaded.
+- ``<out>/results.md``: student top-1 mean ± std over seeds, the published number beside it,
+  deployed parameters, wall time;
+- ``<out>/results.json``: the same with every run's numbers and per-epoch curves;
+- ``<out>/top1.png``: validation top-1 per epoch per pair, mean over seeds with the std shaded.
 
+A teacher recipe is found from the checkpoint its students name: ``checkpoint:
+runs/<anything>/<stem>/student.safetensors`` is trained by ``<stem>.yaml`` beside the table.
 A finished run is reused when its recipe, overrides and teachers' recipes are unchanged (its
-``compare-key.txt``), so an interrupted comparison continues where it stopped; anything else in
-a run's directory is deleted and trained again from scratch (wall times stay whole runs).
+``compare-key.txt``); a run stopped part way (a killed job, a preempted array task) continues
+from its latest checkpoint; anything else in a run's directory is trained again from scratch.
 
-    python bench/compare.py                      # what `make compare` runs
-    python bench/compare.py --seeds 0 --methods supervised atsc --set schedule.epochs=2
-    python bench/compare.py --report-only        # rewrite the reports from finished runs
+    python bench/compare.py                                    # `make compare`: recipes/compare/table.yaml
+    python bench/compare.py recipes/cifar100/table.yaml        # `make reproduce`
+    python bench/compare.py --only supervised atsc --seeds 0 --set schedule.epochs=2
+    python bench/compare.py recipes/cifar100/table.yaml --slurm   # teachers, then every run, as array jobs
+    python bench/compare.py --report-only                      # rewrite the reports from finished runs
 """
 from __future__ import annotations
 
@@ -36,25 +43,88 @@ from typing import Any, Optional, Sequence
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes" / "compare"
-METHODS: dict[str, str] = {  # recipe stem -> label in the table and the plot, in display order
-    "supervised": "supervised (student alone)",
-    "kd": "KD (Hinton)",
-    "simkd": "SimKD",
-    "atsc": "ATSC, adapted from the start",
-    "atsc-frozen": "ATSC, frozen then adapted",
-    "atsc-2teachers": "ATSC, two teachers",
-}
-DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_TABLE = ROOT / "recipes" / "compare" / "table.yaml"
 
 
 class CompareError(Exception):
-    """A problem the user can fix (a recipe, a failed run); main() prints it and exits 2."""
+    """A problem the user can fix (a table, a recipe, a failed run); main() prints it and exits 2."""
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of the table: a recipe trained over every seed, and what a paper published for it."""
+
+    pair: str  # e.g. "resnet32x4 -> resnet8x4"
+    label: str  # e.g. "ATSC"
+    recipe: Path
+    published: Optional[float] = None  # top-1 in %, as papers print it
+    source: Optional[str] = None  # a key of Table.sources
+
+    @property
+    def stem(self) -> str:
+        return self.recipe.stem
+
+
+@dataclass
+class Table:
+    path: Path
+    title: str
+    out: Path
+    seeds: list[int]
+    cells: list[Cell]
+    teachers_published: dict[str, tuple[float, Optional[str]]]  # teacher recipe stem -> (top-1 %, source)
+    sources: dict[str, str]
+    notes: list[str]
+
+
+def load_table(path: Path, only: Sequence[str] = ()) -> Table:
+    """Read a table file; ``only`` keeps the rows whose recipe stem or label is listed."""
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise CompareError(f"cannot read the table {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise CompareError(f"{path} is not valid YAML: {e}") from None
+    unknown = set(tree) - {"title", "out", "seeds", "rows", "teachers", "sources", "notes"}
+    if unknown:
+        raise CompareError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: title, out, seeds, rows, "
+                           f"teachers, sources, notes")
+    cells = []
+    for i, row in enumerate(tree.get("rows") or []):
+        for j, run in enumerate(row.get("runs") or []):
+            recipe = path.parent / str(run.get("recipe", ""))
+            if not recipe.is_file() or recipe.suffix != ".yaml":
+                raise CompareError(f"{path}: rows[{i}].runs[{j}].recipe {run.get('recipe')!r} is not a recipe file "
+                                   f"beside the table ({recipe})")
+            source = run.get("source")
+            if source is not None and source not in (tree.get("sources") or {}):
+                raise CompareError(f"{path}: rows[{i}].runs[{j}].source {source!r} is not a key of `sources`")
+            cells.append(Cell(str(row.get("pair", "")), str(run.get("label", recipe.stem)), recipe,
+                              run.get("published"), source))
+    if not cells:
+        raise CompareError(f"{path}: no `rows` with `runs`; see recipes/compare/table.yaml for the format")
+    if len({c.stem for c in cells}) != len(cells):
+        raise CompareError(f"{path}: a recipe appears in two rows; each row needs its own recipe file")
+    if only:
+        kept = [c for c in cells if c.stem in only or c.label in only]
+        missing = set(only) - {c.stem for c in kept} - {c.label for c in kept}
+        if missing:
+            raise CompareError(f"{path}: --only {' '.join(sorted(missing))} matches no row; rows are "
+                               f"{', '.join(c.stem for c in cells)}")
+        cells = kept
+    teachers = {stem: (t.get("published"), t.get("source")) for stem, t in (tree.get("teachers") or {}).items()}
+    out = Path(tree.get("out") or f"runs/{path.parent.name}")
+    return Table(path, str(tree.get("title") or path.parent.name), out if out.is_absolute() else ROOT / out,
+                 [int(s) for s in tree.get("seeds") or [0]], cells, teachers, dict(tree.get("sources") or {}),
+                 list(tree.get("notes") or []))
 
 
 @dataclass
 class Job:
-    """One training run: a recipe under recipes/compare/, its output directory and overrides."""
+    """One training run: a recipe, its output directory and overrides."""
 
     name: str
     recipe: Path
@@ -64,22 +134,19 @@ class Job:
     depends: list[str] = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------- planning
-
-
 def teacher_stems(recipe: Path) -> list[str]:
     """The teacher recipes a distillation recipe needs, from its teachers' checkpoint paths.
 
-    A compare recipe names each teacher ``checkpoint: runs/compare/<stem>/student.safetensors``
-    where ``recipes/compare/<stem>.yaml`` trains it; the driver trains that recipe first.
+    A recipe names each teacher ``checkpoint: runs/<folder>/<stem>/student.safetensors`` where
+    ``<stem>.yaml`` beside it trains that teacher; the driver trains that recipe first.
     """
     tree = yaml.safe_load(recipe.read_text()) or {}
     stems = []
     for k, teacher in enumerate(tree.get("teachers") or []):
         stem = Path(str(teacher.get("checkpoint") or "")).parent.name
-        if not (RECIPES / f"{stem}.yaml").is_file():
-            raise CompareError(f"{recipe}: `teachers.{k}.checkpoint` must be runs/compare/<stem>/student.safetensors "
-                               f"with a recipe recipes/compare/<stem>.yaml that trains it; found "
+        if not (recipe.parent / f"{stem}.yaml").is_file():
+            raise CompareError(f"{recipe}: `teachers.{k}.checkpoint` must be runs/<folder>/<stem>/student.safetensors "
+                               f"with a recipe {recipe.parent}/<stem>.yaml that trains it; found "
                                f"{teacher.get('checkpoint')!r}")
         stems.append(stem)
     return stems
@@ -89,42 +156,41 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def plan(methods: Sequence[str], seeds: Sequence[int], out: Path, extra: Sequence[str]) -> tuple[list[Job], list[Job]]:
-    """Teacher jobs and student jobs (seed-major, so a partial comparison already covers every method).
+def plan(table: Table, out: Path, extra: Sequence[str], seeds: Optional[Sequence[int]] = None
+         ) -> tuple[list[Job], list[Job]]:
+    """Teacher jobs and student jobs (seed-major, so a partial table already covers every row).
 
     ``extra`` overrides go to the student runs only: the teachers are what their recipes say.
     """
     teachers: dict[str, Job] = {}
     students = []
-    recipes = {m: RECIPES / f"{m}.yaml" for m in methods}
-    for method, recipe in recipes.items():
-        if not recipe.is_file():
-            raise CompareError(f"{recipe}: no such compare recipe; methods are {', '.join(METHODS)}")
-        for stem in teacher_stems(recipe):
+    for cell in table.cells:
+        for stem in teacher_stems(cell.recipe):
             if stem not in teachers:
-                path = RECIPES / f"{stem}.yaml"
+                path = cell.recipe.parent / f"{stem}.yaml"
                 # the key leaves out the output folder: a teacher copied to another --out is still reused
                 teachers[stem] = Job(stem, path, out / stem, [f"output={out / stem}"], fingerprint(path.read_text()))
-    for seed in seeds:
-        for method, recipe in recipes.items():
-            stems = teacher_stems(recipe)
-            sets = [f"output={out / f'{method}-s{seed}'}", f"runtime.seed={seed}",
+    for seed in seeds if seeds is not None else table.seeds:
+        for cell in table.cells:
+            stems = teacher_stems(cell.recipe)
+            name = f"{cell.stem}-s{seed}"
+            sets = [f"output={out / name}", f"runtime.seed={seed}",
                     *(f"teachers.{k}.checkpoint={out / stem / 'student.safetensors'}" for k, stem in enumerate(stems)),
                     *extra]
-            key = fingerprint(recipe.read_text(), sets, [teachers[s].key for s in stems])
-            students.append(Job(f"{method}-s{seed}", recipe, out / f"{method}-s{seed}", sets, key, stems))
+            key = fingerprint(cell.recipe.read_text(), sets, [teachers[s].key for s in stems])
+            students.append(Job(name, cell.recipe, out / name, sets, key, stems))
     return list(teachers.values()), students
 
 
 # ----------------------------------------------------------------------------- running
 
 
-def launch_command(job: Job) -> list[str]:
-    """One CPU/GPU process under `accelerate launch`, as the README's launch line."""
+def launch_command(job: Job, resume: bool = False) -> list[str]:
+    """One process (one GPU, or the CPU) under `accelerate launch`, as the README's launch line."""
     sets = [arg for s in job.sets for arg in ("--set", s)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "harness" / "run.py"), str(job.recipe),
-            *sets]
+            *sets, *(["--resume"] if resume else [])]
 
 
 def is_done(job: Job) -> bool:
@@ -133,33 +199,40 @@ def is_done(job: Job) -> bool:
 
 
 def run_job(job: Job, logs: Path) -> None:
-    """Train one run, unless a finished one with the same key exists."""
+    """Train one run, unless a finished one with the same key exists; continue one that was stopped."""
     if is_done(job):
         print(f"  {job.name}: reusing the finished run in {job.output}", flush=True)
         return
-    if job.output.exists():  # stale (other recipe/overrides) or interrupted: train it whole again
+    started = job.output / "compare-started.txt"
+    resume = started.is_file() and started.read_text().strip() == job.key
+    if job.output.exists() and not resume:  # stale (other recipe/overrides): train it whole again
         shutil.rmtree(job.output)
+    job.output.mkdir(parents=True, exist_ok=True)
+    started.write_text(job.key + "\n")
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{job.name}.log"
-    print(f"  {job.name}: training ({' '.join(job.sets[1:]) or 'recipe as written'}), log {log}", flush=True)
+    what = "continuing from its latest checkpoint" if resume else "training"
+    print(f"  {job.name}: {what} ({' '.join(job.sets[1:]) or 'recipe as written'}), log {log}", flush=True)
     start = time.time()
-    with open(log, "w") as sink:
+    with open(log, "a" if resume else "w") as sink:
         # PYTHONWARNINGS: the libraries' deprecation chatter would bury the run's own messages in the log
-        result = subprocess.run(launch_command(job), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+        result = subprocess.run(launch_command(job, resume), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"})
     seconds = time.time() - start
     if result.returncode != 0 or not (job.output / "summary.json").is_file():
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise CompareError(f"{job.name} ({job.recipe}) failed with exit code {result.returncode}; "
                            f"its log {log} ends:\n{tail}")
-    (job.output / "compare-process.json").write_text(json.dumps({"seconds": seconds}))
+    process = job.output / "compare-process.json"
+    earlier = json.loads(process.read_text()) if resume and process.is_file() else {"seconds": 0.0, "resumed": 0}
+    process.write_text(json.dumps({"seconds": earlier["seconds"] + seconds, "resumed": earlier["resumed"] + resume}))
     (job.output / "compare-key.txt").write_text(job.key + "\n")  # last: its presence means "finished"
     summary = json.loads((job.output / "summary.json").read_text())
     print(f"  {job.name}: student top-1 {summary['student']['top1']:.4f} in {seconds:.0f} s", flush=True)
 
 
 def run_all(jobs: Sequence[Job], logs: Path, workers: int) -> None:
-    """Run jobs, ``workers`` at a time; the first failure stops the comparison."""
+    """Run jobs, ``workers`` at a time; the first failure stops the table."""
     if workers <= 1:
         for job in jobs:
             run_job(job, logs)
@@ -167,6 +240,41 @@ def run_all(jobs: Sequence[Job], logs: Path, workers: int) -> None:
     with ThreadPoolExecutor(workers) as pool:
         for future in [pool.submit(run_job, job, logs) for job in jobs]:
             future.result()
+
+
+def submit_slurm(args: argparse.Namespace, teachers: Sequence[Job], students: Sequence[Job], out: Path) -> list[str]:
+    """Teachers as one array job, every run as a second one after it, the report last; the job ids.
+
+    Each array task runs this driver for its own job (``--task KIND:INDEX``), so a task that is
+    requeued (preemption) or resubmitted continues its run instead of starting it again, and a
+    finished run is never trained twice.
+    """
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    common = [str(args.table), "--out", str(out), *(["--seeds", *map(str, args.seeds)] if args.seeds else []),
+              *(a for s in args.sets for a in ("--set", s)), *(["--only", *args.only] if args.only else [])]
+    script = str(ROOT / "slurm" / "compare.sbatch")
+
+    def sbatch(name: str, options: list[str], driver_args: list[str]) -> str:
+        cmd = ["sbatch", "--parsable", f"--job-name=compare-{name}", f"--output={logs}/slurm-{name}-%A_%a.out",
+               f"--chdir={ROOT}", f"--export=ALL,PYTHON={sys.executable}",
+               *args.sbatch, *options, script, *common, *driver_args]
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+        except FileNotFoundError:
+            raise CompareError("--slurm needs SLURM's `sbatch` on this host's PATH") from None
+        except subprocess.CalledProcessError as e:
+            raise CompareError(f"sbatch refused the {name} job: {e.stderr.strip()}") from None
+        return done.stdout.strip().split(";")[0]
+
+    ids, after = [], []
+    if teachers:
+        ids.append(sbatch("teachers", [f"--array=0-{len(teachers) - 1}"], ["--task", "teachers"]))
+        after = [f"--dependency=afterok:{ids[-1]}", "--kill-on-invalid-dep=yes"]  # a failed teacher ends the rest
+    ids.append(sbatch("runs", [f"--array=0-{len(students) - 1}", *after], ["--task", "runs"]))
+    ids.append(sbatch("report", [f"--dependency=afterany:{ids[-1]}", "--output=" + str(logs / "slurm-report-%j.out")],
+                      ["--report-only"]))
+    return ids
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -196,7 +304,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     """A finished run's final numbers, its student's per-epoch validation top-1 and its recipe."""
     for name in ("summary.json", "metrics.jsonl", "student.safetensors", "recipe.yaml"):
         if not (run_dir / name).is_file():
-            raise CompareError(f"{run_dir / name} is missing: the run did not finish; rerun `make compare`")
+            raise CompareError(f"{run_dir / name} is missing: the run did not finish; rerun the same command")
     summary = json.loads((run_dir / "summary.json").read_text())
     curve = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -220,20 +328,23 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def aggregate(method: str, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """One method's seeds in one row: means and stds, and the mean curve over epochs every seed has."""
+def aggregate(cell: Cell, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One row's seeds: means and stds, and the mean curve over the epochs every seed has."""
     params = {r["params"]["used"] for r in runs.values()}
     if len(params) != 1:
-        raise CompareError(f"{method}: seeds exported students of different sizes {sorted(params)}; "
-                           f"the runs do not come from one recipe, rerun `make compare`")
+        raise CompareError(f"{cell.stem}: seeds exported students of different sizes {sorted(params)}; "
+                           f"the runs do not come from one recipe, rerun the same command")
     curves = [dict(r["curve"]) for r in runs.values()]
     epochs = sorted(set.intersection(*(set(c) for c in curves)))
     top1, top1_std = mean_std([r["top1"] for r in runs.values()])
+    # the KD literature reports the best test accuracy over all epochs (RepDistiller, SimKD, ATSC code)
+    best, best_std = mean_std([max(c.values()) for c in curves])
     wall, wall_std = mean_std([r["wall_time_s"] for r in runs.values()])
-    recipe = next(iter(runs.values()))["recipe"]
     return {
-        "method": method, "label": label(method, recipe), "seeds": sorted(runs),
+        "run": cell.stem, "pair": cell.pair, "label": cell.label, "published": cell.published, "source": cell.source,
+        "seeds": sorted(runs),
         "top1_mean": top1, "top1_std": top1_std, "top1_by_seed": {s: r["top1"] for s, r in sorted(runs.items())},
+        "best_mean": best, "best_std": best_std,
         "params": params.pop(), "params_in_file": next(iter(runs.values()))["params"]["in_file"],
         "wall_mean_s": wall, "wall_std_s": wall_std,
         "epochs": epochs,
@@ -242,118 +353,139 @@ def aggregate(method: str, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def label(method: str, recipe: dict[str, Any]) -> str:
-    text = METHODS.get(method, method)
-    adapt_after = (recipe.get("method") or {}).get("adapt_after") or 0
-    if recipe.get("method", {}).get("name") == "atsc" and adapt_after:
-        text += f" (adapt_after {adapt_after})"
-    return text
-
-
 # ----------------------------------------------------------------------------- reports
 
 
 def fmt_seconds(seconds: float) -> str:
-    return f"{seconds:.0f} s"
+    return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.0f} min"
 
 
-def table(rows: Sequence[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> str:
-    """The markdown table of compare.md (and the README)."""
+def published_cell(value: Optional[float], source: Optional[str]) -> str:
+    return "" if value is None else f"{value:.2f}" + (f" [{source}]" if source else "")
+
+
+def table_markdown(rows: Sequence[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> str:
+    """The markdown table of results.md (and the README): top-1 in %, as papers print it."""
     n = max(len(r["seeds"]) for r in rows)
-    lines = [f"| method | student top-1, mean ± std ({n} seeds) | per seed | deployed parameters | wall time, mean ± std |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        seeds = " / ".join(f"{v:.4f}" for v in r["top1_by_seed"].values())
-        lines.append(f"| {r['label']} | {r['top1_mean']:.4f} ± {r['top1_std']:.4f} | {seeds} | "
-                     f"{r['params']:,} | {fmt_seconds(r['wall_mean_s'])} ± {fmt_seconds(r['wall_std_s'])} |")
+    has_published = any(r["published"] is not None for r in rows) or any(
+        t["published"] is not None for t in teachers.values())
+    head = (f"| pair | method | top-1 %, mean ± std ({n} seeds) | per seed | best epoch, mean ± std |"
+            + (" published |" if has_published else "") + " deployed parameters | wall time, mean ± std |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for stem, t in teachers.items():
-        lines.append(f"| teacher {t['model']} ({stem}, 1 run) | {t['top1']:.4f} | | {t['params']:,} | "
-                     f"{fmt_seconds(t['wall_time_s'])} |")
+        lines.append(f"| teacher | {t['model']} ({stem}, 1 run) | {100 * t['top1']:.2f} | | {100 * t['best']:.2f} |"
+                     + (f" {published_cell(t['published'], t['source'])} |" if has_published else "")
+                     + f" {t['params']:,} | {fmt_seconds(t['wall_time_s'])} |")
+    for r in rows:
+        seeds = " / ".join(f"{100 * v:.2f}" for v in r["top1_by_seed"].values())
+        lines.append(f"| {r['pair']} | {r['label']} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} | "
+                     f"{seeds} | {100 * r['best_mean']:.2f} ± {100 * r['best_std']:.2f} |" + (f" {published_cell(r['published'], r['source'])} |" if has_published else "")
+                     + f" {r['params']:,} | {fmt_seconds(r['wall_mean_s'])} ± {fmt_seconds(r['wall_std_s'])} |")
     return "\n".join(lines)
 
 
-def settings_line(rows: Sequence[dict[str, Any]], runs: dict[str, dict[int, dict[str, Any]]]) -> str:
-    recipe = next(iter(next(iter(runs.values())).values()))["recipe"]
+def settings_line(cell: Cell, recipe: dict[str, Any]) -> str:
     d, s = recipe["data"], recipe["schedule"]
-    return (f"Student `{recipe['student']['model']}` at {d['image_size']} px, batch {d['batch_size']}, "
-            f"{s['epochs']} epochs ({s['name']}), lr {recipe['optim']['lr']}; "
-            f"recipes in `recipes/compare/`, runs in the output folder.")
+    return (f"{cell.pair}: student `{recipe['student']['model']}` at {d['image_size']} px, batch {d['batch_size']}, "
+            f"{s['epochs']} epochs ({s['name']}), lr {recipe['optim']['lr']}.")
 
 
-def write_markdown(path: Path, rows, teachers, runs, jobs: int) -> None:
+def write_markdown(path: Path, table: Table, rows, teachers, runs, jobs: int) -> None:
     extra = max((r["params_in_file"] - r["params"] for r in rows), default=0)
+    first_of_pair = {c.pair: c for c in reversed(table.cells)}
     notes = [
+        *table.notes,
         "Deployed parameters are counted from each run's exported `student.safetensors`, loaded as deployed: "
         "the parameters its prediction uses (a forward pass reaches them). For simkd/atsc that is the student "
         "backbone + projector(s) + the (adapted) teacher classifier(s); for supervised/kd the student with its own head.",
         f"The simkd/atsc files also carry the student's own unused head ({extra:,} parameters at most here), not counted."
         if extra else "",
+        "Top-1 is the final epoch's; \"best epoch\" is the best validation top-1 over all epochs, what the KD "
+        "literature reports (its code evaluates on the test set every epoch and prints the best).",
         "Std is the sample standard deviation over seeds (n - 1). Wall time is the run's own (summary.json: "
         "model build to export, evaluations included; process start-up not included)"
         + (f", measured with {jobs} runs at once." if jobs > 1 else ", one run at a time."),
-        settings_line(rows, runs),
+        *(settings_line(c, next(iter(runs[c.stem].values()))["recipe"]) for c in first_of_pair.values()),
+        f"Recipes in `{table.path.parent.relative_to(ROOT) if table.path.is_relative_to(ROOT) else table.path.parent}/`.",
     ]
-    body = ["# Does ATSC help? (`make compare`)", "", table(rows, teachers), "",
-            *[f"- {n}" for n in notes if n], "", "![validation top-1 per epoch](top1.png)", ""]
+    sources = [f"- [{key}] {text}" for key, text in table.sources.items()]
+    body = [f"# {table.title}", "", table_markdown(rows, teachers), "", *[f"- {n}" for n in notes if n], "",
+            *(["Published numbers:", "", *sources, ""] if sources else []),
+            "![validation top-1 per epoch](top1.png)", ""]
     path.write_text("\n".join(body))
 
 
-def write_plot(path: Path, rows: Sequence[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> None:
-    """Validation top-1 per epoch: mean over seeds, std shaded, teachers dashed; all epochs, and the
-    second half zoomed (where the methods part, the full range squeezes them together)."""
+def write_plot(path: Path, title: str, rows: Sequence[dict[str, Any]], teachers: dict[str, dict[str, Any]],
+               teacher_pairs: dict[str, list[str]]) -> None:
+    """Validation top-1 per epoch, one row of panels per pair: all epochs, and the second half zoomed
+    (where the methods part); mean over seeds, std shaded, teachers dashed, published numbers as x."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on training hosts
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), dpi=120)
-    last = max(e for r in rows for e in r["epochs"])
-    for ax, first in zip(axes, (1, max(1, (last + 1) // 2))):
-        low = []
-        for r in rows:
-            keep = [i for i, e in enumerate(r["epochs"]) if e >= first]
-            epochs = [r["epochs"][i] for i in keep]
-            mean, std = [r["curve_mean"][i] for i in keep], [r["curve_std"][i] for i in keep]
-            (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=f"{r['label']} ({len(r['seeds'])} seeds)")
-            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=line.get_color(), alpha=0.15, linewidth=0)
-            low += [m - s for m, s in zip(mean, std)]
-        for t in teachers.values():
-            ax.axhline(t["top1"], linestyle="--", linewidth=1, color="grey")
-            ax.annotate(f"teacher {t['model']} {t['top1']:.3f}", (first, t["top1"]), fontsize=7, color="grey",
-                        xytext=(2, -2), textcoords="offset points", ha="left", va="top")  # early epochs sit low
-        top = max([t["top1"] for t in teachers.values()] + [max(r["curve_mean"]) for r in rows])
-        ax.set_ylim(min(low) - 0.01, min(1.0, top + 0.01) + 0.005)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_title("all epochs" if first == 1 else f"epochs {first}-{last}, zoomed")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation top-1 of the deployed student")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)  # below the panels: curves stay visible
-    fig.suptitle("Does ATSC help? Mean over seeds, ± 1 std shaded")
-    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    pairs = list(dict.fromkeys(r["pair"] for r in rows))
+    fig, grid = plt.subplots(len(pairs), 2, figsize=(12, 4.5 * len(pairs) + 1), dpi=120, squeeze=False)
+    for pair, axes in zip(pairs, grid):
+        pair_rows = [r for r in rows if r["pair"] == pair]
+        pair_teachers = [teachers[s] for s in teacher_pairs.get(pair, [])]
+        last = max(e for r in pair_rows for e in r["epochs"])
+        for ax, first in zip(axes, (1, max(1, (last + 1) // 2))):
+            low, top = [], [t["top1"] for t in pair_teachers]
+            for r in pair_rows:
+                keep = [i for i, e in enumerate(r["epochs"]) if e >= first]
+                epochs = [r["epochs"][i] for i in keep]
+                mean, std = [r["curve_mean"][i] for i in keep], [r["curve_std"][i] for i in keep]
+                (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=f"{r['label']} ({len(r['seeds'])} seeds)")
+                ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
+                if r["published"] is not None:
+                    ax.plot([last], [r["published"] / 100], marker="x", markersize=8, color=line.get_color())
+                    top.append(r["published"] / 100)
+                low += [m - s for m, s in zip(mean, std)]
+                top.append(max(mean))
+            for t in pair_teachers:
+                ax.axhline(t["top1"], linestyle="--", linewidth=1, color="grey")
+                ax.annotate(f"teacher {t['model']} {t['top1']:.3f}", (first, t["top1"]), fontsize=7, color="grey",
+                            xytext=(2, -2), textcoords="offset points", ha="left", va="top")  # early epochs sit low
+            ax.set_ylim(min(low) - 0.01, min(1.0, max(top) + 0.01) + 0.005)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch")
+            ax.set_title(f"{pair}: " + ("all epochs" if first == 1 else f"epochs {first}-{last}, zoomed"), fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("validation top-1 of the deployed student")
+        axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{title}: mean over seeds, ± 1 std shaded" + (", x: published" if any(
+        r["published"] is not None for r in rows) else ""))
+    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def report(out: Path, methods: Sequence[str], seeds: Sequence[int], teacher_names: Sequence[str],
-           jobs: int = 1) -> dict[str, Any]:
-    """Read the finished runs under ``out`` and write compare.md, compare.json and top1.png there."""
-    runs = {m: {s: read_run(out / f"{m}-s{s}") for s in seeds} for m in methods}
-    rows = [aggregate(m, runs[m]) for m in methods]
-    teachers = {}
-    for stem in teacher_names:
-        t = read_run(out / stem)
-        teachers[stem] = {"model": t["recipe"]["student"]["model"], "top1": t["top1"], "params": t["params"]["used"],
-                          "wall_time_s": t["wall_time_s"]}
-    write_markdown(out / "compare.md", rows, teachers, runs, jobs)
-    write_plot(out / "top1.png", rows, teachers)
-    result = {"methods": rows, "teachers": teachers, "jobs": jobs,
-              "runs": {m: {s: {k: v for k, v in r.items() if k != "recipe"} for s, r in by_seed.items()}
-                       for m, by_seed in runs.items()}}
-    (out / "compare.json").write_text(json.dumps(result, indent=2))
+def report(table: Table, out: Path, seeds: Sequence[int], jobs: int = 1) -> dict[str, Any]:
+    """Read the finished runs under ``out`` and write results.md, results.json and top1.png there."""
+    runs = {c.stem: {s: read_run(out / f"{c.stem}-s{s}") for s in seeds} for c in table.cells}
+    rows = [aggregate(c, runs[c.stem]) for c in table.cells]
+    teachers, teacher_pairs = {}, {}
+    for cell in table.cells:
+        for stem in teacher_stems(cell.recipe):
+            teacher_pairs.setdefault(cell.pair, [])
+            if stem not in teacher_pairs[cell.pair]:
+                teacher_pairs[cell.pair].append(stem)
+            if stem not in teachers:
+                t = read_run(out / stem)
+                published, source = table.teachers_published.get(stem, (None, None))
+                teachers[stem] = {"model": t["recipe"]["student"]["model"], "top1": t["top1"],
+                                  "best": max([t["top1"]] + [v for _, v in t["curve"]]),
+                                  "params": t["params"]["used"], "wall_time_s": t["wall_time_s"],
+                                  "published": published, "source": source}
+    write_markdown(out / "results.md", table, rows, teachers, runs, jobs)
+    write_plot(out / "top1.png", table.title, rows, teachers, teacher_pairs)
+    result = {"title": table.title, "rows": rows, "teachers": teachers, "jobs": jobs, "sources": table.sources,
+              "runs": {stem: {s: {k: v for k, v in r.items() if k != "recipe"} for s, r in by_seed.items()}
+                       for stem, by_seed in runs.items()}}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -362,36 +494,54 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], teacher_name
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="RECIPE",
-                   help=f"recipes/compare/ stems to compare (default: {' '.join(METHODS)})")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="runtime.seed values (default: 0 1 2)")
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "compare", help="output folder (default: runs/compare)")
+    p.add_argument("table", nargs="?", type=Path, default=DEFAULT_TABLE,
+                   help="table file (default: recipes/compare/table.yaml, `make compare`)")
+    p.add_argument("--only", nargs="+", default=[], metavar="ROW", help="rows to run, by recipe stem or label")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="runtime.seed values (default: the table's)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: the table's `out`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="override a key in every student run, not the teachers' (repeatable), e.g. --set runtime.threads=1")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time (default 1: wall times then compare without contention)")
     p.add_argument("--report-only", action="store_true", help="train nothing; rewrite the reports from finished runs")
+    p.add_argument("--slurm", action="store_true",
+                   help="submit the teachers, then every run, as SLURM array jobs (slurm/compare.sbatch), and the report after them")
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="extra sbatch option for --slurm (repeatable), e.g. --sbatch=--gpus-per-task=1 --sbatch=--partition=gpu")
+    p.add_argument("--task", default=None, help=argparse.SUPPRESS)  # set by slurm/compare.sbatch: teachers|runs
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    out = args.out.resolve()
     try:
-        teachers, students = plan(args.methods, args.seeds, out, args.sets)
+        table = load_table(args.table.resolve(), args.only)
+        out = (args.out or table.out).resolve()
+        seeds = args.seeds or table.seeds
+        teachers, students = plan(table, out, args.sets, seeds)
+        if args.task:  # one SLURM array task: its own job only
+            jobs = teachers if args.task == "teachers" else students
+            run_job(jobs[int(os.environ["SLURM_ARRAY_TASK_ID"])], out / "logs")
+            return
+        if args.slurm:
+            ids = submit_slurm(args, teachers, students, out)
+            print(f"submitted {len(teachers)} teacher(s) and {len(students)} runs as SLURM jobs {', '.join(ids)} "
+                  f"(the last writes the report); logs in {out / 'logs'}; `squeue --me` shows them. Submitting "
+                  f"again later continues: finished runs are reused, stopped ones continue from their checkpoints.")
+            return
         if not args.report_only:
             start = time.time()
-            print(f"compare: {len(teachers)} teacher(s), then {len(students)} runs ({len(args.methods)} methods x "
-                  f"{len(args.seeds)} seeds), {args.jobs} at a time, into {out}", flush=True)
+            print(f"{table.title}: {len(teachers)} teacher(s), then {len(students)} runs ({len(table.cells)} rows x "
+                  f"{len(seeds)} seeds), {args.jobs} at a time, into {out}", flush=True)
             run_all(teachers, out / "logs", args.jobs)
             run_all(students, out / "logs", args.jobs)
-            print(f"compare: trained in {(time.time() - start) / 60:.1f} min", flush=True)
-        report(out, args.methods, args.seeds, [t.name for t in teachers], args.jobs)
+            print(f"trained in {(time.time() - start) / 60:.1f} min", flush=True)
+        report(table, out, seeds, args.jobs)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print((out / "compare.md").read_text())
-    print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'top1.png'}")
+    print((out / "results.md").read_text())
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'top1.png'}")
 
 
 if __name__ == "__main__":
