@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from harness import zoo  # noqa: F401  registers the cifar_* models with timm
 from harness.data import Preprocess
 
 
