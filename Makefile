@@ -7,7 +7,7 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mix
 # torch 2.14.1 / torchvision 0.29.1 are the builds that import together (and sit on this host's disk)
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo compare test docs clean
+.PHONY: install demo compare reproduce test docs clean
 
 install: $(VENV)/.installed
 
@@ -26,10 +26,21 @@ runs/demo-teacher/student.safetensors: | data/digits/_info.json
 demo: runs/demo-teacher/student.safetensors
 	$(LAUNCH) harness/run.py recipes/demo.yaml --resume
 
-# Every method on the digits, 3 seeds each (24 min on 2 busy CPU cores; the teachers, once, 20 more):
-# runs/compare/compare.md, compare.json and top1.png. Finished runs are reused; COMPARE_ARGS passes options.
+# Every method on the digits at 32 px through CIFAR networks, 3 seeds each (recipes/compare/table.yaml):
+# runs/compare/results.md, results.json and top1.png. Finished runs are reused; COMPARE_ARGS passes options.
 compare: install data/digits/_info.json
-	$(PY) bench/compare.py $(COMPARE_ARGS)
+	$(PY) bench/compare.py recipes/compare/table.yaml $(COMPARE_ARGS)
+
+# The paper's CIFAR-100 table (recipes/cifar100/table.yaml): teachers once, then every method x pair x seed,
+# one after another here, or as SLURM array jobs with REPRODUCE_ARGS="--slurm --sbatch=--gpus-per-task=1".
+# CIFAR100 is the official python tarball, downloaded by you from https://www.cs.toronto.edu/~kriz/cifar.html
+CIFAR100 ?= cifar-100-python.tar.gz
+data/cifar100/_info.json: | install
+	@test -f "$(CIFAR100)" || { echo "make reproduce: no CIFAR-100 tarball at '$(CIFAR100)'; download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and run make reproduce CIFAR100=path/to/cifar-100-python.tar.gz" >&2; exit 2; }
+	$(PY) -m shards.cifar --source "$(CIFAR100)" --out data/cifar100
+
+reproduce: install data/cifar100/_info.json
+	$(PY) bench/compare.py recipes/cifar100/table.yaml $(REPRODUCE_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

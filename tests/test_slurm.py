@@ -1,13 +1,16 @@
 """Real SLURM (a one-node cluster started by slurm/local-cluster.sh, which .ci/run calls):
 a job warned of its end checkpoints, requeues itself, resumes and ends as an uninterrupted run."""
 import json
+import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, launch, tiny_recipe
@@ -85,3 +88,32 @@ def test_cancelled_job_is_not_requeued(work, digits, teacher):
     time.sleep(3)
     assert job_field(job, "JobState") == "CANCELLED"
     assert job_field(job, "Restarts") == "0"
+
+
+def test_a_table_runs_as_array_jobs_and_a_second_submission_reuses_every_run(work, digits):
+    """`bench/compare.py TABLE --slurm`: teachers, then the runs, as array jobs; the report after them."""
+    folder = work / "slurm-table"
+    folder.mkdir()
+    one_epoch = {"schedule": {"epochs": 1, "name": "cosine"}}
+    tiny_recipe(folder, digits, "teacher-t", **one_epoch)
+    tiny_recipe(folder, digits, "supervised", **one_epoch)
+    tiny_recipe(folder, digits, "simkd", teachers=[{"model": "test_resnet", "checkpoint": "runs/x/teacher-t/student.safetensors"}],
+                method={"name": "simkd"}, **one_epoch)
+    out = folder / "out"
+    (folder / "table.yaml").write_text(yaml.safe_dump({
+        "title": "array test", "out": str(out), "seeds": [0, 1],
+        "rows": [{"pair": "t -> s", "runs": [{"label": "alone", "recipe": "supervised.yaml"},
+                                            {"label": "SimKD", "recipe": "simkd.yaml"}]}]}))
+    driver = [sys.executable, str(ROOT / "bench" / "compare.py"), str(folder / "table.yaml")]
+    submitted = subprocess.run([*driver, "--slurm"], capture_output=True, text=True, cwd=ROOT)
+    assert submitted.returncode == 0, submitted.stderr
+    teachers, runs, report = re.search(r"SLURM jobs (\d+), (\d+), (\d+)", submitted.stdout).groups()
+    wait_for(lambda: job_field(report, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 420, "the report job")
+    assert job_field(report, "JobState") == "COMPLETED", [p.read_text()[-2000:] for p in (out / "logs").glob("slurm-*")]
+    results = (out / "results.md").read_text()
+    assert "| t -> s | SimKD |" in results and "| teacher | test_resnet (teacher-t, 1 run) |" in results
+    for name in ("teacher-t", "supervised-s0", "supervised-s1", "simkd-s0", "simkd-s1"):
+        assert (out / name / "compare-key.txt").is_file(), name
+    again = subprocess.run(driver, capture_output=True, text=True, cwd=ROOT)  # locally this time: nothing to train
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("reusing the finished run") == 5 and "training" not in again.stdout.split("runs (")[1]
