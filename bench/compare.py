@@ -62,10 +62,12 @@ class Cell:
     recipe: Path
     published: Optional[float] = None  # top-1 in %, as papers print it
     source: Optional[str] = None  # a key of Table.sources
+    name: str = ""  # the row's runs are <name>-s<seed>; default: the recipe's stem
+    sets: tuple[str, ...] = ()  # overrides of this row only (an ablation of a recipe)
 
     @property
     def stem(self) -> str:
-        return self.recipe.stem
+        return self.name or self.recipe.stem
 
 
 @dataclass
@@ -102,12 +104,18 @@ def load_table(path: Path, only: Sequence[str] = ()) -> Table:
             source = run.get("source")
             if source is not None and source not in (tree.get("sources") or {}):
                 raise CompareError(f"{path}: rows[{i}].runs[{j}].source {source!r} is not a key of `sources`")
+            sets = run.get("set") or []
+            if not isinstance(sets, list) or not all(isinstance(x, str) and "=" in x for x in sets):
+                raise CompareError(f"{path}: rows[{i}].runs[{j}].set must be a list of 'key=value' overrides")
+            if sets and not run.get("name"):
+                raise CompareError(f"{path}: rows[{i}].runs[{j}] overrides its recipe (`set`) and needs a `name` "
+                                   f"of its own for its runs")
             cells.append(Cell(str(row.get("pair", "")), str(run.get("label", recipe.stem)), recipe,
-                              run.get("published"), source))
+                              run.get("published"), source, str(run.get("name") or ""), tuple(sets)))
     if not cells:
         raise CompareError(f"{path}: no `rows` with `runs`; see recipes/compare/table.yaml for the format")
     if len({c.stem for c in cells}) != len(cells):
-        raise CompareError(f"{path}: a recipe appears in two rows; each row needs its own recipe file")
+        raise CompareError(f"{path}: two rows have the same name; give a row that reuses a recipe a `name`")
     if only:
         kept = [c for c in cells if c.stem in only or c.label in only]
         missing = set(only) - {c.stem for c in kept} - {c.label for c in kept}
@@ -176,7 +184,7 @@ def plan(table: Table, out: Path, extra: Sequence[str], seeds: Optional[Sequence
             name = f"{cell.stem}-s{seed}"
             sets = [f"output={out / name}", f"runtime.seed={seed}",
                     *(f"teachers.{k}.checkpoint={out / stem / 'student.safetensors'}" for k, stem in enumerate(stems)),
-                    *extra]
+                    *cell.sets, *extra]
             key = fingerprint(cell.recipe.read_text(), sets, [teachers[s].key for s in stems])
             students.append(Job(name, cell.recipe, out / name, sets, key, stems))
     return list(teachers.values()), students
@@ -361,7 +369,8 @@ def fmt_seconds(seconds: float) -> str:
 
 
 def published_cell(value: Optional[float], source: Optional[str]) -> str:
-    return "" if value is None else f"{value:.2f}" + (f" [{source}]" if source else "")
+    """A markdown cell (text and closing bar) with the published top-1 and its source key."""
+    return " |" if value is None else f" {value:.2f}" + (f" [{source}]" if source else "") + " |"
 
 
 def table_markdown(rows: Sequence[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> str:
@@ -374,12 +383,13 @@ def table_markdown(rows: Sequence[dict[str, Any]], teachers: dict[str, dict[str,
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for stem, t in teachers.items():
         lines.append(f"| teacher | {t['model']} ({stem}, 1 run) | {100 * t['top1']:.2f} | | {100 * t['best']:.2f} |"
-                     + (f" {published_cell(t['published'], t['source'])} |" if has_published else "")
+                     + (published_cell(t["published"], t["source"]) if has_published else "")
                      + f" {t['params']:,} | {fmt_seconds(t['wall_time_s'])} |")
     for r in rows:
         seeds = " / ".join(f"{100 * v:.2f}" for v in r["top1_by_seed"].values())
         lines.append(f"| {r['pair']} | {r['label']} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} | "
-                     f"{seeds} | {100 * r['best_mean']:.2f} ± {100 * r['best_std']:.2f} |" + (f" {published_cell(r['published'], r['source'])} |" if has_published else "")
+                     f"{seeds} | {100 * r['best_mean']:.2f} ± {100 * r['best_std']:.2f} |"
+                     + (published_cell(r["published"], r["source"]) if has_published else "")
                      + f" {r['params']:,} | {fmt_seconds(r['wall_mean_s'])} ± {fmt_seconds(r['wall_std_s'])} |")
     return "\n".join(lines)
 

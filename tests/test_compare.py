@@ -168,6 +168,9 @@ def test_bad_tables_are_refused_with_the_file_and_the_fix(tmp_path):
     path.write_text("rows:\n  - pair: a\n    runs:\n      - {recipe: nowhere.yaml}\n")
     with pytest.raises(compare.CompareError, match=r"table.yaml: rows\[0\].runs\[0\].recipe 'nowhere.yaml' is not a recipe"):
         compare.load_table(path)
+    path.write_text("rows:\n  - pair: a\n    runs:\n      - {recipe: ../t/table.yaml, set: [optim.lr=1]}\n")
+    with pytest.raises(compare.CompareError, match=r"overrides its recipe \(`set`\) and needs a `name`"):
+        compare.load_table(path)
     path.write_text("rowz: []\n")
     with pytest.raises(compare.CompareError, match=r"unknown key\(s\) rowz"):
         compare.load_table(path)
@@ -184,6 +187,16 @@ def test_plan_trains_each_teacher_once_and_points_students_at_it(tmp_path):
     assert f"teachers.1.checkpoint={tmp_path / two.depends[1] / 'student.safetensors'}" in two.sets
     assert "runtime.seed=1" in two.sets and "runtime.threads=1" in two.sets
     assert len({s.key for s in students}) == len(students)  # every run its own key
+
+
+def test_an_ablation_row_reuses_a_recipe_with_its_own_overrides_and_shares_the_other_runs(tmp_path):
+    main = compare.load_table(ROOT_DIR / "recipes" / "compare" / "table.yaml")
+    ablation = compare.load_table(ROOT_DIR / "recipes" / "compare" / "ablation.yaml")
+    main_jobs = {j.name: j for j in compare.plan(main, tmp_path, [], [0])[1]}
+    ablation_jobs = {j.name: j for j in compare.plan(ablation, tmp_path, [], [0])[1]}
+    assert ablation_jobs["atsc-s0"].key == main_jobs["atsc-s0"].key  # the same run: reused, not retrained
+    assert "method.anchor_weight=0" in ablation_jobs["atsc-w0-s0"].sets
+    assert ablation_jobs["atsc-w0-s0"].recipe == main_jobs["atsc-s0"].recipe
 
 
 def test_a_stopped_run_continues_and_a_stale_one_starts_again(tmp_path, monkeypatch):
