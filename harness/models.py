@@ -32,6 +32,10 @@ def create(name: str, num_classes: int, checkpoint: Optional[str] = None, hub: O
                                       pretrained=True, **kwargs)
         else:
             model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except zoo.NoPretrainedWeights:
+        raise ModelError(f"`{where}`: {name} is a CIFAR model of this harness's zoo, which has no hub weights; train it "
+                         f"with a `supervised` recipe (recipes/cifar100/teacher-*.yaml) and give its export as "
+                         f"`checkpoint`") from None
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ModelError(f"`{where}`: unknown timm model {name!r}; `timm.list_models('*part*')` lists the names") from None

@@ -157,3 +157,8 @@ def test_checkpoint_round_trip_and_wrong_classes_refused(name, tmp_path):
     key = f"{source.pretrained_cfg['classifier']}.weight"
     with pytest.raises(models.ModelError, match=rf"10-class classifier \({key}\) but `data.num_classes` is 100"):
         models.create(name, 100, checkpoint=str(ten), where="teachers[0]")
+
+
+def test_a_zoo_teacher_from_the_hub_is_refused_with_the_fix():
+    with pytest.raises(models.ModelError, match=r"`teachers\[0\]`: cifar_resnet8 .* no hub weights; train it"):
+        models.create("cifar_resnet8", 100, hub="cifar_resnet8", where="teachers[0]")
