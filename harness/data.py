@@ -44,8 +44,8 @@ from harness.gpu_decode import DeferredDecode, DeviceDecode, Encoded  # noqa: F4
 from harness.shm_batches import PooledBatch
 from harness.tarstream import TarFormatError, tar_members
 # Preprocess and the transforms are re-exported: harness.data is where users and tools import them from
-from harness.transforms import (Preprocess, decode_sample, eval_transform, normalize, pil_to_chw,  # noqa: F401
-                                train_transform)
+from harness.transforms import (Preprocess, cifar_train_transform, decode_sample, eval_transform,  # noqa: F401
+                                normalize, pil_to_chw, train_transform)
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ class EpochLoader:
         self.position = Position()
         # the GPU path: workers hand over compressed batches, decoded here on `device`
         deferred = isinstance(stream.transform, DeferredDecode)
-        self.decode = DeviceDecode(pre, self.device, stream.train) if deferred else None
+        self.decode = DeviceDecode(pre, self.device, stream.train, stream.transform.kind) if deferred else None
 
     def batches_in_epoch(self, epoch: int) -> Optional[int]:
         if not self.stream.train:
@@ -375,14 +375,16 @@ def shard_lengths(urls: Sequence[str], split: str) -> dict[str, int]:
     return {u: by_name[os.path.basename(u)] for u in urls if os.path.basename(u) in by_name}
 
 
-def decode_on(setting: str, device: torch.device) -> str:
-    """`data.decode` resolved for this process's device: "cpu" or "gpu".
+def decode_on(setting: str, device: torch.device, augment: str = "rrc") -> str:
+    """`data.decode` resolved for this process's device and `data.augment.kind`: "cpu" or "gpu".
 
-    An explicit "gpu" without CUDA is an error rather than a quiet fallback: a run (or a
+    ``auto`` is the CPU path for the ``cifar`` augmentation: its small images (CIFAR's 32 px
+    PNGs) decode in microseconds in the workers, so there is nothing to move to the GPU. An
+    explicit "gpu" without CUDA is an error rather than a quiet fallback: a run (or a
     benchmark) asked for one data path and must not measure the other.
     """
     if setting == "auto":
-        return "gpu" if device.type == "cuda" else "cpu"
+        return "gpu" if device.type == "cuda" and augment != "cifar" else "cpu"
     if setting == "gpu" and device.type != "cuda":
         raise DataError(f"`data.decode: gpu` decodes with nvJPEG on a CUDA device, but this process runs on "
                         f"{device.type}; set `data.decode` to `auto` or `cpu`")
@@ -403,10 +405,12 @@ def build_loaders(recipe, pre: Preprocess, rank: int, world_size: int, device: t
             raise DataError(f"the train set size is unknown: no _info.json listing the shards next to "
                             f"{train_urls[0]}; write shards with `python -m shards.write` or set `data.train_samples`")
         lengths = {u: d.train_samples // len(train_urls) for u in train_urls}  # an estimate; see EpochLoader
-    seed = recipe.runtime.seed
-    crop = (d.augment.crop_scale, d.augment.crop_ratio, d.augment.hflip)
-    if decode_on(d.decode, device) == "gpu":
-        train_tf, val_tf = DeferredDecode(pre, crop), DeferredDecode(pre)
+    seed, a = recipe.runtime.seed, d.augment
+    crop = (a.crop_scale, a.crop_ratio, a.hflip)
+    if decode_on(d.decode, device, a.kind) == "gpu":
+        train_tf, val_tf = DeferredDecode(pre, crop, a.kind, a.padding), DeferredDecode(pre, kind=a.kind)
+    elif a.kind == "cifar":
+        train_tf, val_tf = cifar_train_transform(pre, a.padding, a.hflip), eval_transform(pre)
     else:
         train_tf, val_tf = train_transform(pre, *crop), eval_transform(pre)
     train = ShardStream(train_urls, train_tf, d.num_classes, d.batch_size, train=True, seed=seed, rank=rank,

@@ -30,8 +30,10 @@ class _Section(BaseModel):
 class Augment(_Section):
     """Training-time augmentation of the shared crop (teachers and student see the same one)."""
 
-    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range")
-    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect range")
+    kind: Literal["rrc", "cifar"] = Field("rrc", description="rrc: RandomResizedCrop (`crop_scale`, `crop_ratio`), evaluated with a resize and a `data.crop_pct` center crop; cifar: the CIFAR literature's augmentation: shorter side to `data.image_size` (a no-op for 32 px images at 32), `padding` px of zeros, a random `data.image_size` crop, evaluated on the whole image (`data.crop_pct` 1.0); `data.decode: auto` then decodes on the CPU")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="rrc: RandomResizedCrop area range")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="rrc: RandomResizedCrop aspect range")
+    padding: int = Field(4, ge=0, description="cifar: zero padding on each side, in pixels, before the random crop")
     hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
 
 
@@ -40,14 +42,14 @@ class Data(_Section):
     val: str = Field(..., description="validation shards, same forms as `train`")
     num_classes: int = Field(..., gt=1, description="classes in the label space; every classifier must match it")
     image_size: int = Field(224, gt=0, description="side of the square crop fed to the models")
-    crop_pct: Optional[float] = Field(None, gt=0, le=1, description="eval center-crop fraction; null: the student's own (timm pretrained_cfg)")
+    crop_pct: Optional[float] = Field(None, gt=0, le=1, description="eval center-crop fraction; null: the student's own (timm pretrained_cfg); 1.0, the only value it takes, under `augment.kind: cifar`")
     mean: Optional[tuple[float, float, float]] = Field(None, description="normalisation mean; null: the student's own")
     std: Optional[tuple[float, float, float]] = Field(None, description="normalisation std; null: the student's own")
     batch_size: int = Field(64, gt=0, description="images per device per micro-step")
     workers: int = Field(4, ge=0, description="loader worker processes per device")
     shuffle_buffer: int = Field(5000, ge=0, description="samples mixed within a worker before batching")
     train_samples: Optional[int] = Field(None, gt=0, description="train set size; null: read from the shards' _info.json")
-    decode: Literal["auto", "cpu", "gpu"] = Field("auto", description="where images are decoded: cpu: in the loader workers (PIL); gpu: batched nvJPEG in the training process, workers only read headers and draw crops (needs CUDA); auto: gpu on CUDA devices, else cpu")
+    decode: Literal["auto", "cpu", "gpu"] = Field("auto", description="where images are decoded: cpu: in the loader workers (PIL); gpu: batched nvJPEG in the training process, workers only read headers and draw crops (needs CUDA); non-JPEG images are decoded in the workers and sent as pixels; auto: gpu on CUDA devices unless `augment.kind` is cifar, else cpu")
     augment: Augment = Field(default_factory=Augment)
 
 
@@ -137,9 +139,22 @@ class Recipe(_Section):
     runtime: Runtime = Field(default_factory=Runtime)
     overrides: list[str] = Field(default_factory=list, description="set by the harness: the --set overrides applied to this recipe")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _cifar_crop_pct(cls, tree: Any) -> Any:
+        """`augment.kind: cifar` evaluates the whole image: a missing `data.crop_pct` resolves to 1.0."""
+        data = tree.get("data") if isinstance(tree, dict) else None
+        augment = data.get("augment") if isinstance(data, dict) else None
+        if isinstance(augment, dict) and augment.get("kind") == "cifar" and data.get("crop_pct") is None:
+            tree = {**tree, "data": {**data, "crop_pct": 1.0}}
+        return tree
+
     @model_validator(mode="after")
     def _method_fits(self) -> "Recipe":
         name = self.method.name
+        if self.data.augment.kind == "cifar" and self.data.crop_pct != 1.0:
+            raise ValueError(f"`data.augment.kind: cifar` evaluates the whole image, without a center crop, but "
+                             f"`data.crop_pct` is {self.data.crop_pct}; remove `data.crop_pct` or set it to 1.0")
         if name == "supervised" and self.teachers:
             raise ValueError("`method.name: supervised` trains the student alone; remove `teachers` or pick kd/simkd/atsc")
         if name != "supervised" and not self.teachers:

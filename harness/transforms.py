@@ -5,6 +5,11 @@ after the batch reaches the training process (on the GPU there), which quarters 
 between processes and takes the float work off the loader's CPU cores. The augmentation of a
 sample is seeded from (seed, epoch, key) alone, so a resumed run crops exactly as an
 uninterrupted one, and the GPU path (:mod:`harness.gpu_decode`) draws the very same crops.
+
+Two augmentations (``data.augment.kind``): ``rrc``, torchvision's RandomResizedCrop and flip
+(:func:`train_transform`, evaluated by :func:`eval_transform`'s resize and center crop), and
+``cifar``, the CIFAR literature's zero-pad and random crop and flip (:func:`cifar_train_transform`;
+evaluated by :func:`eval_transform` at ``crop_pct`` 1: a 32 px image as it is).
 """
 from __future__ import annotations
 
@@ -43,6 +48,47 @@ def train_transform(pre: Preprocess, scale: Sequence[float], ratio: Sequence[flo
     return T.Compose(ops + [pil_to_chw])
 
 
+class PadCrop:
+    """Zero-pad ``padding`` pixels on every side, then crop a random ``size`` square.
+
+    torchvision's ``RandomCrop(size, padding)``: the same draws from the generator, the same
+    pixels (tested), in one PIL call (``Image.crop`` fills what lies outside the image with 0).
+    """
+
+    def __init__(self, size: int, padding: int):
+        self.size, self.padding = size, padding
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the crop in the unpadded image; negative: into the padding."""
+        pad, side = self.padding, self.size
+        if height + 2 * pad < side or width + 2 * pad < side:
+            raise ValueError(f"a {side} px crop does not fit a {height}x{width} image padded by {pad}")
+        if height + 2 * pad == width + 2 * pad == side:  # as RandomCrop.get_params: nothing drawn
+            return -pad, -pad, side, side
+        top = int(torch.randint(0, height + 2 * pad - side + 1, size=(1,)))
+        left = int(torch.randint(0, width + 2 * pad - side + 1, size=(1,)))
+        return top - pad, left - pad, side, side
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        top, left, height, width = self.box(image.height, image.width)
+        return image.crop((left, top, left + width, top + height))
+
+
+def resized_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """(height, width) after ``T.Resize(side)`` (shorter side to ``side``): torchvision's arithmetic."""
+    short, long = sorted((height, width))
+    new_long = int(side * long / short)
+    return (side, new_long) if height <= width else (new_long, side)
+
+
+def cifar_train_transform(pre: Preprocess, padding: int, hflip: float) -> T.Compose:
+    """The CIFAR augmentation: shorter side to ``image_size`` (a no-op for 32 px images at 32), pad, crop, flip."""
+    ops = [T.Resize(pre.image_size, antialias=True), PadCrop(pre.image_size, padding)]
+    if hflip > 0:
+        ops.append(T.RandomHorizontalFlip(hflip))
+    return T.Compose(ops + [pil_to_chw])
+
+
 def pil_to_chw(image: Image.Image) -> torch.Tensor:
     """A PIL image as a contiguous uint8 CHW tensor: the values of ``T.PILToTensor``, cheaper.
 
@@ -52,11 +98,16 @@ def pil_to_chw(image: Image.Image) -> torch.Tensor:
     """
     if image.mode != "RGB":
         return TF.pil_to_tensor(image).contiguous()
-    planes = bytearray().join(image.tobytes("raw", band) for band in "RGB")
-    return torch.frombuffer(planes, dtype=torch.uint8).view(3, image.height, image.width)
+    return torch.frombuffer(rgb_planes(image), dtype=torch.uint8).view(3, image.height, image.width)
+
+
+def rgb_planes(image: Image.Image) -> bytearray:
+    """An RGB image's pixels as R, G and B planes (CHW order), written by PIL band by band."""
+    return bytearray().join(image.tobytes("raw", band) for band in "RGB")
 
 
 def eval_transform(pre: Preprocess) -> T.Compose:
+    """Shorter side to ``image_size / crop_pct``, then the center ``image_size`` square (crop_pct 1: a square as is)."""
     resize = int(math.floor(pre.image_size / pre.crop_pct))
     return T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(pre.image_size), T.PILToTensor()])
 

@@ -173,7 +173,8 @@ def _batch(source: Path, member: str, obj: dict, label_key: bytes, num_classes: 
     pixels, labels = obj[b"data"], obj[label_key]
     if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 2
             and pixels.shape[1] == PIXELS):
-        found = f"{pixels.dtype} array of shape {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        found = (f"{pixels.dtype} array of shape {pixels.shape}" if isinstance(pixels, np.ndarray)
+                 else type(pixels).__name__)
         raise SourceError(f"{where}: b'data' is a {found}; a CIFAR batch holds N x {PIXELS} uint8 (32x32 RGB)")
     try:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
