@@ -275,11 +275,7 @@ def write_cifar(source: str | os.PathLike, out: Optional[str | os.PathLike] = No
     if info := _done(source, out, shard_size, log):
         return info
     record = _writer_record(source, shard_size)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SourceError(f"{out}: cannot create the output directory ({e.strerror}); pass a writable --out") \
-            from None
+    out.mkdir(parents=True, exist_ok=True)  # an OSError (no permission, a file there) is reported by main()
     write_classes(out, classes)
     (out / "_info.json").unlink(missing_ok=True)  # it must not vouch for shards while they are rewritten
     info = {"name": layout.name, "classes": classes, "splits": {}}

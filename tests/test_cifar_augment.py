@@ -3,6 +3,7 @@
 Shards come from shards.cifar on a tiny tarball in the official format (tests/test_cifar.py).
 """
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -164,15 +165,11 @@ def test_resume_mid_epoch_crops_as_an_uninterrupted_run(cifar_shards, path):
     other_x, other_y = run(loader(), epoch=2)
     assert torch.equal(again_x, straight_x)  # seeded per sample: a rerun crops the same
     first = loader()
-    seen_x, seen_y = [], []
-    for i, (x, y) in enumerate(first.epoch(1)):
-        seen_x.append(x)
-        seen_y.append(y)
-        if i == 2:
-            break
+    seen_x, seen_y = zip(*itertools.islice(first.epoch(1), 3))  # stopped after 3 batches
+    assert first.position.batches == 3
     rest_x, rest_y = run(loader(), epoch=1, resume=first.position)
-    assert torch.cat(seen_y + [rest_y]).tolist() == straight_y.tolist()
-    assert torch.equal(torch.cat(seen_x + [rest_x]), straight_x)
+    assert torch.cat([*seen_y, rest_y]).tolist() == straight_y.tolist()
+    assert torch.equal(torch.cat([*seen_x, rest_x]), straight_x)
     # another epoch: other crops of the same samples
     by_label = {int(y): x for x, y in zip(straight_x, straight_y)}
     assert sum(torch.equal(by_label[int(y)], x) for x, y in zip(other_x, other_y) if int(y) in by_label) < 10
