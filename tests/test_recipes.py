@@ -21,13 +21,30 @@ from harness import models
 from harness.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+FILES = sorted((ROOT / "recipes").rglob("*.yaml"))
+TABLES = [p for p in FILES if "rows" in yaml.safe_load(p.read_text())]  # bench/compare.py's tables
+RECIPES = [p for p in FILES if p not in TABLES]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path, check_files=False)
     assert recipe.name == (yaml.safe_load(path.read_text()).get("name") or path.stem)
+
+
+@pytest.mark.parametrize("path", TABLES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_every_shipped_table_plans_runs_whose_recipes_validate(path, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_compare_tables", ROOT / "bench" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = compare  # its dataclasses look their module up
+    spec.loader.exec_module(compare)
+    table = compare.load_table(path)
+    teachers, runs = compare.plan(table, tmp_path, [])
+    assert len(runs) == len(table.cells) * len(table.seeds)
+    for job in [*teachers, *runs]:  # the recipe with the driver's own overrides, as it will run
+        load_recipe(job.recipe, overrides=job.sets, check_files=False)
 
 
 # ----------------------------------------------------------------------------- runs with stand-ins
@@ -49,6 +66,8 @@ STAND_INS = {
     "imagenet-convnext-vit": ("test_resnet", ["test_convnext", "test_vit"],
                               ["data.image_size=32", "teachers.1.image_size=48"]),
     "imagenet-vitl-vits": ("test_vit", ["test_vit2"], ["data.image_size=32"]),
+    # the zoo's own small members: the CIFAR augmentation, a 4 x 4 vgg map beside an 8 x 8 resnet one
+    "cifar100/atsc-resnet32x4+vgg13-resnet8x4": ("cifar_resnet8", ["cifar_resnet8", "cifar_vgg8"], ["data.image_size=32"]),
 }
 
 
@@ -90,7 +109,7 @@ def test_imagenet_teacher_combination_runs_with_stand_ins(name, tmp_path, digits
     with safe_open(str(run / "student.safetensors"), framework="pt") as f:
         config = json.loads(f.metadata()["harness"])
     taps = config["shared_classifier"]["taps"]
-    if name == "imagenet-2teachers":
+    if name in ("imagenet-2teachers", "cifar100/atsc-resnet32x4+vgg13-resnet8x4"):
         assert taps == ["map", "map"]  # two CNN teachers: SimKD's conv projectors on feature maps
     else:
         assert taps == ["vector"] * len(original.teachers)  # ConvNeXt's normed head, ViT tokens: MLP projectors
