@@ -7,7 +7,7 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mix
 # torch 2.14.1 / torchvision 0.29.1 are the builds that import together (and sit on this host's disk)
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo compare reproduce test docs clean
+.PHONY: install digits demo compare reproduce test docs clean
 
 install: $(VENV)/.installed
 
@@ -17,18 +17,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-data/digits/_info.json: | install
+# data/digits/{train,val}/ and _info.json; a no-op once written (and moves an older flat layout into split folders)
+digits: install
 	$(PY) -m shards.digits --out data/digits
 
-runs/demo-teacher/student.safetensors: | data/digits/_info.json
+runs/demo-teacher/student.safetensors: | digits
 	$(LAUNCH) harness/run.py recipes/demo-teacher.yaml --resume
 
-demo: runs/demo-teacher/student.safetensors
+demo: digits runs/demo-teacher/student.safetensors
 	$(LAUNCH) harness/run.py recipes/demo.yaml --resume
 
 # Every method on the digits at 32 px through CIFAR networks, 3 seeds each (recipes/compare/table.yaml):
 # runs/compare/results.md, results.json and top1.png. Finished runs are reused; COMPARE_ARGS passes options.
-compare: install data/digits/_info.json
+compare: install digits
 	$(PY) bench/compare.py recipes/compare/table.yaml $(COMPARE_ARGS)
 
 # The paper's CIFAR-100 table (recipes/cifar100/table.yaml): teachers once, then every method x pair x seed,
@@ -39,7 +40,9 @@ data/cifar100/_info.json: | install
 	@test -f "$(CIFAR100)" || { echo "make reproduce: no CIFAR-100 tarball at '$(CIFAR100)'; download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and run make reproduce CIFAR100=path/to/cifar-100-python.tar.gz" >&2; exit 2; }
 	$(PY) -m shards.cifar --source "$(CIFAR100)" --out data/cifar100
 
+# shards.layout: shards written before the per-split folders are moved into them (renames; a no-op after)
 reproduce: install data/cifar100/_info.json
+	$(PY) -m shards.layout data/cifar100 --quiet
 	$(PY) bench/compare.py recipes/cifar100/table.yaml $(REPRODUCE_ARGS)
 
 test: install

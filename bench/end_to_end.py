@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.loader import make_tree  # noqa: E402
+from shards.layout import move_flat_layout  # noqa: E402
 
 
 def emit(**fields) -> None:
@@ -40,6 +41,7 @@ def emit(**fields) -> None:
 def prepare_shards(data: Path, images: int, val_images: int, classes: int) -> Path:
     """``data/shards`` with train and val splits, written unless a previous run left them."""
     out = data / "shards"
+    move_flat_layout(out)  # shards kept from before the per-split folders
     info = out / "_info.json"
     if info.is_file():
         splits = json.loads(info.read_text())["splits"]
@@ -74,8 +76,7 @@ def write_teacher(path: Path, model: str, classes: int) -> None:
 def recipe(args: argparse.Namespace, shards: Path, teacher: Path, out: Path) -> dict:
     return {
         "name": "bench-end-to-end", "output": str(out),
-        "data": {"train": str(shards / ("train-{000000..%06d}.tar" % (shard_count(shards, "train") - 1))),
-                 "val": str(shards / ("val-{000000..%06d}.tar" % (shard_count(shards, "val") - 1))),
+        "data": {"train": str(shards / "train"), "val": str(shards / "val"),
                  "num_classes": args.classes, "image_size": args.size, "batch_size": args.batch,
                  "workers": args.workers, "shuffle_buffer": min(2000, args.images)},
         "student": {"model": args.student},
@@ -86,10 +87,6 @@ def recipe(args: argparse.Namespace, shards: Path, teacher: Path, out: Path) -> 
         "runtime": {"zero_stage": args.zero_stage, "log_every": args.log_every, "precision": args.precision,
                     "compile": args.compile},
     }
-
-
-def shard_count(shards: Path, split: str) -> int:
-    return len(list(shards.glob(f"{split}-*.tar")))
 
 
 def run(args: argparse.Namespace, recipe_path: Path) -> None:

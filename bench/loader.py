@@ -46,7 +46,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from harness.data import EpochLoader, Preprocess, ShardStream, expand_urls, read_samples, shard_lengths, train_transform  # noqa: E402
+from harness.data import EpochLoader, Preprocess, ShardStream, read_samples, select_shards, train_transform  # noqa: E402
+from shards.layout import move_flat_layout  # noqa: E402
 
 PRE = Preprocess(image_size=224, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 SCALE, RATIO, HFLIP = (0.08, 1.0), (3 / 4, 4 / 3), 0.5
@@ -80,16 +81,17 @@ def write_shards(tree: Path, out: Path, max_size: int | None) -> None:
 
 
 def prepared(root: Path, images: int, max_size: int) -> dict[str, Path]:
-    """The two shard sets under ``root``, written unless a previous run left them complete."""
+    """The two shard sets' train folders under ``root``, written unless a previous run left them complete."""
     sets = {"original": (root / "original", None), f"max_size_{max_size}": (root / f"max_size_{max_size}", max_size)}
     for out, size in sets.values():
+        move_flat_layout(out)  # shards kept from before the per-split folders
         info = out / "_info.json"
         if info.is_file() and sum(json.loads(info.read_text())["splits"]["train"]["shard_lengths"]) == images:
             continue
         if not (root / "tree").is_dir() or sum(1 for _ in (root / "tree").rglob("*.JPEG")) != images:
             make_tree(root / "tree", images)
         write_shards(root / "tree", out, size)
-    return {name: out for name, (out, _) in sets.items()}
+    return {name: out / "train" for name, (out, _) in sets.items()}
 
 
 def reference_transform() -> T.Compose:
@@ -108,9 +110,9 @@ def bare_round(blobs: list[bytes], transform: T.Compose, seed: int) -> tuple[flo
 
 
 def make_stream(shards: Path, batch: int) -> ShardStream:
-    urls = expand_urls(str(shards))
-    return ShardStream(urls, train_transform(PRE, SCALE, RATIO, HFLIP), CLASSES, batch, train=True,
-                       shuffle_buffer=256, lengths=shard_lengths(urls, "train"))
+    selected = select_shards(str(shards))
+    return ShardStream(selected.urls, train_transform(PRE, SCALE, RATIO, HFLIP), CLASSES, batch, train=True,
+                       shuffle_buffer=256, lengths=selected.lengths)
 
 
 def loader_round(shards: Path, workers: int, batch: int) -> tuple[float, float, float]:
@@ -157,7 +159,7 @@ def profile(shards: Path, batch: int, top: int) -> None:
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("tottime").print_stats(top)
-    print(f"--- profile of {shards.name}: {images} images, {stats.total_tt:.2f} s "
+    print(f"--- profile of {shards.parent.name}: {images} images, {stats.total_tt:.2f} s "
           f"({1e6 * stats.total_tt / images:.0f} us/image under the profiler)\n" + out.getvalue(), flush=True)
 
 
@@ -177,7 +179,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sets = prepared(args.data or Path(tmp), args.images, args.max_size)
         transform = reference_transform()
-        blobs = {name: [s["jpg"] for s in read_samples(expand_urls(str(out)))] for name, out in sets.items()}
+        blobs = {name: [s["jpg"] for s in read_samples(select_shards(str(out)).urls)] for name, out in sets.items()}
         for name, out in sets.items():  # warm-up: page cache, lazy imports, allocator
             bare_round(blobs[name], transform, seed=0)
             loader_round(out, args.workers, args.batch)

@@ -22,6 +22,23 @@ def build_teachers(recipe: Recipe, load_weights: bool = True) -> list[nn.Module]
             for i, t in enumerate(recipe.teachers)]
 
 
+def check_model_files(recipe: Recipe) -> None:
+    """Every model the recipe names exists, and every checkpoint it names fits its model.
+
+    Checked on models built on the meta device (no memory, no initialisation) against the
+    checkpoints' tensor shapes (no weights read), so ``harness/run.py`` can refuse a wrong
+    teacher before any process group, engine or output folder exists. Raises ModelError.
+    """
+    n = recipe.data.num_classes
+    named = [("student", recipe.student)] + [(f"teachers[{i}]", t) for i, t in enumerate(recipe.teachers)]
+    for where, spec in named:
+        if getattr(spec, "hub", None):  # weights from the network: nothing on disk to check
+            continue
+        model = models.skeleton(spec.model, n, spec.model_kwargs, where)
+        if spec.checkpoint:
+            models.check_checkpoint(spec.checkpoint, model, n, where)
+
+
 def build_method(recipe: Recipe, load_weights: bool = True) -> tuple[Distiller, Preprocess]:
     """The run's method over its student and teachers, and the student's preprocessing.
 

@@ -159,19 +159,25 @@ def export_checkpoint(run_dir: Path, checkpoint: Path | None, out: Path) -> Path
 
 @torch.no_grad()
 def evaluate_file(path: Path, val: str, batch_size: int = 128, workers: int = 2) -> dict[str, float]:
-    """Top-1/top-5 of an exported student over validation shards, single process."""
-    from harness.data import EpochLoader, ShardStream, expand_urls
+    """Top-1/top-5 of an exported student over validation shards, single process.
 
+    Given a whole split, the evaluation must see every sample its ``_info.json`` counts
+    (as in training: :meth:`harness.data.Shards.check_evaluated`); raises DataError otherwise.
+    """
+    from harness.data import EpochLoader, ShardStream, select_shards
+
+    shards = select_shards(val)
     model = load_student(path)
     num_classes = read_config(path)["num_classes"]
-    stream = ShardStream(expand_urls(val), eval_transform(model.preprocess), num_classes, batch_size, train=False)
+    stream = ShardStream(shards.urls, eval_transform(model.preprocess), num_classes, batch_size, train=False)
     correct1 = correct5 = total = 0
     for x, y in EpochLoader(stream, workers, False, model.preprocess).epoch(0):
         top5 = model(x).topk(min(5, num_classes), dim=-1).indices
         correct1 += (top5[:, 0] == y).sum().item()
         correct5 += (top5 == y[:, None]).any(-1).sum().item()
         total += len(y)
-    return {"top1": correct1 / total, "top5": correct5 / total, "samples": total}
+    shards.check_evaluated(total)
+    return {"top1": correct1 / max(total, 1), "top5": correct5 / max(total, 1), "samples": total}
 
 
 def main() -> None:
@@ -185,7 +191,7 @@ def main() -> None:
     exp.add_argument("--out", type=Path, help="output file (default: <run_dir>/student-<tag>.safetensors)")
     ev = sub.add_parser("evaluate", help="top-1/top-5 of an exported student on validation shards")
     ev.add_argument("student", type=Path)
-    ev.add_argument("val", help="validation shards: directory or brace pattern")
+    ev.add_argument("val", help="validation shards: a split's folder (e.g. data/imagenet/val), a shard or a brace pattern")
     ev.add_argument("--batch-size", type=int, default=128)
     ev.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()

@@ -22,26 +22,33 @@ class ModelError(ValueError):
     """A model the recipe names cannot be used as asked. The message is meant for the user."""
 
 
-def create(name: str, num_classes: int, checkpoint: Optional[str] = None, hub: Optional[str] = None,
-           kwargs: Optional[dict[str, Any]] = None, where: str = "model") -> nn.Module:
-    """A timm model with ``num_classes`` outputs, from local weights, the hub, or random init."""
-    kwargs = dict(kwargs or {})
+def _timm_model(name: str, where: str, **kwargs) -> nn.Module:
+    """``timm.create_model`` with the mistakes a recipe can make turned into one message each."""
     try:
-        if hub:
-            model = timm.create_model(f"hf-hub:{hub}" if "/" in hub and not hub.startswith("hf-hub:") else hub,
-                                      pretrained=True, **kwargs)
-        else:
-            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        return timm.create_model(name, **kwargs)
     except zoo.NoPretrainedWeights:
         raise ModelError(f"`{where}`: {name} is a CIFAR model of this harness's zoo, which has no hub weights; train it "
                          f"with a `supervised` recipe (recipes/cifar100/teacher-*.yaml) and give its export as "
                          f"`checkpoint`") from None
+    except TypeError as e:  # a keyword the model's constructor does not take
+        raise ModelError(f"`{where}.model_kwargs`: {name} does not take them ({e}); remove or rename the key") from None
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ModelError(f"`{where}`: unknown timm model {name!r}; `timm.list_models('*part*')` lists the names") from None
         raise
+
+
+def create(name: str, num_classes: int, checkpoint: Optional[str] = None, hub: Optional[str] = None,
+           kwargs: Optional[dict[str, Any]] = None, where: str = "model") -> nn.Module:
+    """A timm model with ``num_classes`` outputs, from local weights, the hub, or random init."""
+    kwargs = dict(kwargs or {})
+    if hub:
+        model = _timm_model(f"hf-hub:{hub}" if "/" in hub and not hub.startswith("hf-hub:") else hub, where,
+                            pretrained=True, **kwargs)
+    else:
+        model = _timm_model(name, where, pretrained=False, num_classes=num_classes, **kwargs)
     if checkpoint:
-        check_classifier(checkpoint, model, num_classes, where)
+        check_checkpoint(checkpoint, model, num_classes, where)
         timm.models.load_checkpoint(model, checkpoint, strict=True)
     classifier = linear_classifier(model, where)
     if classifier.out_features != num_classes:
@@ -50,21 +57,70 @@ def create(name: str, num_classes: int, checkpoint: Optional[str] = None, hub: O
     return model
 
 
-def load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The model weights in a .pth/.pt/.safetensors file (timm's checkpoint layouts understood)."""
+def skeleton(name: str, num_classes: int, kwargs: Optional[dict[str, Any]] = None, where: str = "model") -> nn.Module:
+    """The model's structure without its memory or initialisation (meta device), for checks before start-up.
+
+    Built on the CPU instead for a model whose constructor computes with tensor values, which
+    meta tensors do not have.
+    """
+    kwargs = {"pretrained": False, "num_classes": num_classes, **(kwargs or {})}
+    try:
+        with torch.device("meta"):
+            return _timm_model(name, where, **kwargs)
+    except ModelError:
+        raise
+    except (RuntimeError, NotImplementedError, ValueError):  # e.g. .item() on a meta tensor in __init__
+        return _timm_model(name, where, **kwargs)
+
+
+def checkpoint_shapes(path: str, where: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a weights file, read without loading the weights.
+
+    safetensors: its header; .pth/.pt: unpickled onto the meta device, with timm's conventions
+    (EMA, ``state_dict`` or ``model`` wrappers; DDP's ``module.`` prefixes), as ``create`` loads it.
+    """
     if not os.path.isfile(path):
-        raise ModelError(f"checkpoint not found: {path}")
-    return timm.models.load_state_dict(path)
+        raise ModelError(f"`{where}.checkpoint`: file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        state = timm.models.load_state_dict(path, device="meta")
+    except Exception as e:  # torch.load and safetensors fail in many ways on a file that is not weights
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"`{where}.checkpoint`: {path} cannot be read as model weights ({reason}); give a state dict "
+                         f"saved with torch.save or safetensors (a `supervised` run's student.safetensors is one)") \
+            from None
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def check_classifier(path: str, model: nn.Module, num_classes: int, where: str) -> None:
-    """Refuse, before anything runs, a checkpoint whose classifier has the wrong number of classes."""
+def check_checkpoint(path: str, model: nn.Module, num_classes: int, where: str) -> None:
+    """Refuse a checkpoint that cannot load into ``model``, from its tensor shapes alone.
+
+    First the classifier (a teacher trained on another dataset: the message says so), then what
+    strict loading would refuse: weights the model lacks or does not have, or of another shape
+    (another architecture, or other ``model_kwargs``).
+    """
+    shapes = checkpoint_shapes(path, where)
     key = f"{model.pretrained_cfg.get('classifier', 'fc')}.weight"
-    state = load_state_dict(path)
-    if key in state and state[key].shape[0] != num_classes:
-        raise ModelError(f"`{where}`: checkpoint {path} has a {state[key].shape[0]}-class classifier "
+    if key in shapes and shapes[key][0] != num_classes:
+        raise ModelError(f"`{where}`: checkpoint {path} has a {shapes[key][0]}-class classifier "
                          f"({key}) but `data.num_classes` is {num_classes}; use a teacher trained on this "
                          f"dataset's classes")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # torch fills a missing BatchNorm step counter itself (state dicts from before it existed)
+    missing = [k for k in expected if k not in shapes and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in shapes if k not in expected]
+    resized = [f"{k} {shapes[k]} (the model's: {expected[k]})" for k in expected if k in shapes and shapes[k] != expected[k]]
+    if missing or unexpected or resized:
+        found = [f"{len(names)} {what}, e.g. {names[0]}" for what, names in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", resized)) if names]
+        arch = model.pretrained_cfg.get("architecture", type(model).__name__)
+        raise ModelError(f"`{where}`: checkpoint {path} does not fit {arch} (weights: {'; '.join(found)}); it holds "
+                         f"another model's weights: set `{where}.model` (and `model_kwargs`) to the model it was "
+                         f"trained as, or give a checkpoint of this one")
 
 
 def linear_classifier(model: nn.Module, where: str = "model") -> nn.Linear:

@@ -38,8 +38,8 @@ class Augment(_Section):
 
 
 class Data(_Section):
-    train: str = Field(..., description="train shards: a directory of .tar files or a brace pattern ('d/train-{000000..000099}.tar')")
-    val: str = Field(..., description="validation shards, same forms as `train`")
+    train: str = Field(..., description="train shards: a split's folder (the shards its _info.json lists there, e.g. 'data/imagenet/train'), one shard, or a brace pattern ('d/train/train-{000000..000009}.tar'); shards of two splits are refused")
+    val: str = Field(..., description="validation shards, same forms as `train`; given a whole split, an evaluation must see every sample _info.json counts")
     num_classes: int = Field(..., gt=1, description="classes in the label space; every classifier must match it")
     image_size: int = Field(224, gt=0, description="side of the square crop fed to the models")
     crop_pct: Optional[float] = Field(None, gt=0, le=1, description="eval center-crop fraction; null: the student's own (timm pretrained_cfg); 1.0, the only value it takes, under `augment.kind: cifar`")
@@ -263,14 +263,14 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None, c
 
 def check_recipe_files(recipe: Recipe, source: str, base: Path) -> None:
     """Every local file the recipe names must exist before anything starts."""
-    from harness.data import expand_urls  # local: keeps this module importable without torch
+    from harness.data import DataError, select_shards  # local: keeps this module importable without torch
 
     problems = []
     for key, pattern in (("data.train", recipe.data.train), ("data.val", recipe.data.val)):
         try:
-            expand_urls(pattern)
-        except FileNotFoundError as e:
-            problems.append(f"{source}: `{key}`: {e}")
+            select_shards(pattern, key)  # exist, and each is one split of its _info.json
+        except DataError as e:
+            problems.append(f"{source}: {e}")
     if recipe.student.checkpoint and not (base / recipe.student.checkpoint).is_file():
         problems.append(f"{source}: `student.checkpoint`: file not found: {recipe.student.checkpoint}")
     for i, teacher in enumerate(recipe.teachers):

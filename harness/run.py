@@ -22,8 +22,8 @@ from typing import Any, Optional
 import torch
 
 from harness import checkpoint
-from harness.build import build_method
-from harness.data import DataError, Position, build_loaders
+from harness.build import build_method, check_model_files
+from harness.data import DataError, Position, build_loaders, plan_data
 from harness.engine import (Runtime, all_gather_objects, all_reduce, base_optimizer, broadcast_buffers, build_engine, evaluate,
                             init_runtime, shutdown, two_pass_bias_step)
 from harness.export import full_state_dict, save_student, student_config
@@ -83,7 +83,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.set)
     except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank refuses alike: one message
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        resume_from = preflight(recipe, args)
+    except USER_ERRORS as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {args.recipe}: {e}", file=sys.stderr)
         return 2
     # `kill -USR2 <pid>` prints every thread's Python stack to stderr: where a stuck rank waits.
     faulthandler.register(signal.SIGUSR2, all_threads=True)
@@ -91,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     signals = StopSignals(Path(recipe.output), clear=os.environ.get("RANK", "0") == "0")
     rt = init_runtime(recipe.runtime.precision, recipe.runtime.zero_stage, recipe.runtime.threads)
     try:
-        train(recipe, args, rt, signals)
+        train(recipe, args, rt, signals, resume_from)
         return 0  # finished, or stopped on request with a checkpoint: both are clean exits
     except USER_ERRORS as e:
         if rt.is_main:
@@ -116,20 +123,47 @@ def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[Path]:
     return path
 
 
-def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopSignals") -> dict[str, Any]:
+def preflight(recipe: Recipe, args: argparse.Namespace) -> Optional[Path]:
+    """Every refusal the files can decide, before any process group, engine or output folder exists.
+
+    The output folder (a run there needs --resume; a partitioned checkpoint needs its world
+    size), the shards (each key one split, sizes, a full step per rank) and the models
+    (known names, checkpoints that fit: a teacher's classifier for ``data.num_classes``).
+    Every rank runs it on the same files, so all refuse alike. Returns the checkpoint to
+    resume from, if any.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher; none: a world of one
+    resume_from = resume_point(recipe, args.resume)
+    if resume_from is not None:
+        checkpoint.check_world_size(resume_from, world_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as init_runtime will choose
+    plan_data(recipe, world_size, device, recipe.runtime.grad_accum)
+    check_model_files(recipe)
+    return resume_from
+
+
+def evaluate_split(models: dict, val_loader, rt: Runtime, image_size: int) -> dict[str, dict[str, float]]:
+    """:func:`evaluate` over the validation loader, refused unless it saw the whole split it was given."""
+    results = evaluate(models, val_loader.epoch(0), rt, image_size)
+    if results:  # the count is summed over ranks: every rank decides alike
+        val_loader.shards.check_evaluated(next(iter(results.values()))["samples"])
+    return results
+
+
+def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopSignals",
+          resume_from: Optional[Path] = None) -> dict[str, Any]:
     wall_start = time.time()
     out = Path(recipe.output)
-    resume_from = resume_point(recipe, args.resume)
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(to_yaml(recipe))
-    log = MetricsLog(out / "metrics.jsonl", rt.is_main)
     m, d, rr = recipe.method, recipe.data, recipe.runtime
 
     # --- models, method, data, engine
     torch.manual_seed(rr.seed)  # identical initialisation on every rank
     distiller, pre = build_method(recipe)
     train_loader, val_loader = build_loaders(recipe, pre, rt.rank, rt.world_size, rt.device, rr.grad_accum)
+    if rt.is_main:  # only now: a run refused while its models or data were built leaves nothing behind
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(to_yaml(recipe))
+    log = MetricsLog(out / "metrics.jsonl", rt.is_main)
     global_batch = d.batch_size * rt.world_size * rr.grad_accum
     optimizer = build_optimizer(distiller.param_groups(), recipe.optim, m.anchor_weight)
     two_pass = m.name == "atsc" and m.bias_step == "two_pass"
@@ -146,7 +180,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
         state.pop("stopped_by", None)
         log.write("resume", checkpoint=str(resume_from), epoch=state["epoch"], step=state["step"])
     else:
-        loaded = evaluate({k: v for k, v in eval_models.items() if k != "student"}, val_loader.epoch(0), rt, d.image_size)
+        loaded = evaluate_split({k: v for k, v in eval_models.items() if k != "student"}, val_loader, rt, d.image_size)
         state = {"epoch": 0, "step": 0, "position": None, "adapting": False, "teachers_loaded": loaded,
                  "best_top1": 0.0, "last_eval": None}
         if loaded:
@@ -183,7 +217,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
         last = epoch + 1 == recipe.schedule.epochs
         if last or (epoch + 1) % rr.eval_every == 0:
             broadcast_buffers(distiller)
-            results = evaluate(eval_models, val_loader.epoch(0), rt, d.image_size)
+            results = evaluate_split(eval_models, val_loader, rt, d.image_size)
             state["last_eval"] = results
             if results["student"]["top1"] > state["best_top1"]:
                 state["best_top1"], state["best_tag"] = results["student"]["top1"], f"epoch{epoch + 1:04d}"
@@ -198,7 +232,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
 
     # --- final evaluation, export, summary
     broadcast_buffers(distiller)
-    results = state["last_eval"] or evaluate(eval_models, val_loader.epoch(0), rt, d.image_size)
+    results = state["last_eval"] or evaluate_split(eval_models, val_loader, rt, d.image_size)
     student_state = full_state_dict(distiller.deployed(), rr.zero_stage)
     summary = {
         "recipe": recipe.name, "method": m.name, "world_size": rt.world_size,

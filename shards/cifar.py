@@ -10,8 +10,8 @@ numpy arrays, lists and strings.
 
 Splits: ``train`` (the official training set, 50,000 images) and ``val`` (the official test
 set, 10,000: the split the literature reports; named ``val`` because recipes point ``data.val``
-at it and the loaders look splits up by that name). Files are ``train-000000.tar`` ... and
-``val-000000.tar`` ...; each sample is a lossless PNG (``.png``) and its label (``.cls``), keyed
+at it). Files are ``OUT/train/train-000000.tar`` ... and ``OUT/val/val-000000.tar`` ..., one
+folder per split (:mod:`shards.layout`); each sample is a lossless PNG (``.png``) and its label (``.cls``), keyed
 by its official index: ``train_00042`` is image 42 of the training set (CIFAR-10:
 ``data_batch_1`` holds 0-9,999, ``data_batch_2`` 10,000-19,999, ...), ``test_00042`` image 42
 of the test set. Samples stay in the official order, which is already a random permutation
@@ -21,13 +21,13 @@ names (line number = label) and a timm-style ``_info.json`` the shards and their
 
 Rerunning the same command is a no-op once ``_info.json`` (written last) lists every shard of
 the same source and shard size; otherwise every shard is written again (byte-identical, via
-``<name>.tmp`` and a rename: a crash never leaves a truncated shard under a final name).
+``<name>.tmp`` and a rename: a crash never leaves a truncated shard under a final name). A
+directory written before the per-split folders is moved into them (renames only).
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import multiprocessing
 import os
 import pickle
@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import IO, NamedTuple, Optional, Sequence, TextIO
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from shards.imagenet import SourceError
-from shards.write import (TAR_MTIME, Progress, ShardResult, _write_json, class_report, shard_name, split_info,
-                          stale_files, write_classes)
+from shards.layout import (move_flat_layout, read_info, remove_temporaries, shard_file, shard_writer, split_entry,
+                           write_info)
+from shards.write import Progress, ShardResult, class_report, stale_report, write_classes
 
 SIDE = 32
 PIXELS = 3 * SIDE * SIDE
@@ -230,17 +230,17 @@ class ShardTask:
 
 
 def write_shard(task: ShardTask) -> ShardResult:
+    """Write one shard (via a temporary name: a rewrite is byte-identical, a stop leaves nothing half-written)."""
     final = Path(task.path)
-    tmp = final.with_name(final.name + ".tmp")
-    with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:  # fixed mtime: a rewrite is byte-identical
+    with shard_writer(final) as sink:
         for i, (row, label) in enumerate(zip(task.pixels, task.labels)):
             sink.write({"__key__": f"{task.prefix}_{task.start + i:05d}", "png": png(row), "cls": int(label)})
-    os.replace(tmp, final)
     return ShardResult(final.name, len(task.labels), resumed=False)
 
 
 def plan(split: str, data: Split, out: Path, shard_size: int) -> list[ShardTask]:
-    return [ShardTask(str(out / shard_name(split, i)), SPLITS[split], start, data.pixels[start:start + shard_size],
+    """The split's shards in the official order, ``shard_size`` images each."""
+    return [ShardTask(str(out / shard_file(split, i)), SPLITS[split], start, data.pixels[start:start + shard_size],
                       data.labels[start:start + shard_size])
             for i, start in enumerate(range(0, len(data.labels), shard_size))]
 
@@ -251,12 +251,16 @@ def _writer_record(source: Path, shard_size: int) -> dict:
 
 
 def _done(source: Path, out: Path, shard_size: int, log: TextIO) -> Optional[dict]:
-    """The existing ``_info.json`` if it lists every shard, written from this source at this shard size."""
+    """The existing ``_info.json`` if it lists every shard, written from this source at this shard size.
+
+    A directory written before the per-split folders is first moved into them (renames only).
+    """
+    move_flat_layout(out, log)
     try:
         record = _writer_record(source, shard_size)
-        info = json.loads((out / "_info.json").read_text())
+        info = read_info(out)
         entries = [info["splits"][split] for split in SPLITS]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, KeyError, TypeError):  # no source file, no info (None), a split missing
         return None
     if not all(e.get("writer") == record and all((out / f).is_file() for f in e["filenames"]) for e in entries):
         return None
@@ -281,20 +285,23 @@ def write_cifar(source: str | os.PathLike, out: Optional[str | os.PathLike] = No
     info = {"name": layout.name, "classes": classes, "splits": {}}
     reports = []
     tasks = {split: plan(split, data, out, shard_size) for split, data in splits.items()}
+    for split in tasks:
+        (out / split).mkdir(exist_ok=True)
     processes = min(workers, sum(len(t) for t in tasks.values()))
-    with (multiprocessing.Pool(processes) if processes > 1 else _Inline()) as pool:
-        for split, split_tasks in tasks.items():
-            progress = Progress(split, len(split_tasks), len(splits[split].labels), log)
-            for result in pool.imap_unordered(write_shard, split_tasks):
-                progress.update(result.samples, result.resumed)
-            info["splits"][split] = {**split_info(split, [t.labels for t in split_tasks]), "writer": record}
-            reports.append(class_report(split, [Labelled(int(y)) for y in splits[split].labels], classes,
-                                        len(split_tasks)))
-            stale = stale_files(out, split, len(split_tasks))
-            if stale:
-                reports.append(f"{split}: warning: {len(stale)} shard(s) not in this plan (e.g. {stale[0]}) are left "
-                               f"from a run with another --shard-size; delete them before reading {out} as a directory")
-    _write_json(out / "_info.json", info)  # last: its presence means every shard is complete
+    remove_temporaries(out, list(tasks))  # a killed run's half shards
+    try:
+        with (multiprocessing.Pool(processes) if processes > 1 else _Inline()) as pool:
+            for split, split_tasks in tasks.items():
+                progress = Progress(split, len(split_tasks), len(splits[split].labels), log)
+                for result in pool.imap_unordered(write_shard, split_tasks):
+                    progress.update(result.samples, result.resumed)
+                info["splits"][split] = split_entry(split, [len(t.labels) for t in split_tasks], writer=record)
+                reports.append(class_report(split, [Labelled(int(y)) for y in splits[split].labels], classes,
+                                            len(split_tasks)))
+                reports += stale_report(out, split, len(split_tasks))
+    finally:
+        remove_temporaries(out, list(tasks))  # stopped by an error or Ctrl-C: no half shard stays
+    write_info(out, info)  # last: its presence means every shard is complete
     for line in reports:
         print(line, file=log)
     print(f"wrote {out / '_info.json'}", file=log, flush=True)

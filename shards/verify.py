@@ -5,8 +5,9 @@
 Every shard listed in ``_info.json`` is read in full: each sample must have an image member
 that PIL decodes and a ``.cls`` label that is an integer in ``[0, len(classes.txt))``, keys must
 be unique in the split, and each shard must hold the number of samples ``_info.json`` gives it.
-Listed shards that are missing and ``.tar`` files that are not listed are reported too (a loader
-pointed at the directory would read them).
+Listed shards that are missing, ``.tar`` files that are not listed (loaders ignore them) and a
+folder holding shards of two splits (the harness refuses it: one folder per split, see
+:mod:`shards.layout`) are reported too.
 
 Problems are printed as ``shard:key: problem`` lines (``shard: problem`` for whole-shard ones),
 then one summary line; the exit code is 1 if there was any problem, 0 if none, 2 if the
@@ -148,8 +149,10 @@ def load_index(root: Path) -> tuple[dict, int]:
 
 
 def listing(root: Path, info: dict, num_classes: int) -> tuple[list[ShardCheck], list[str]]:
-    """The listed shards that exist (to read), and problems: listed but missing, present but unlisted."""
+    """The listed shards that exist (to read), and problems: listed but missing, present but unlisted,
+    two splits in one folder."""
     checks, problems, listed = [], [], set()
+    folders: dict[str, list[str]] = {}  # folder -> the splits with shards in it
     for split, entry in info["splits"].items():
         names, lengths = entry["filenames"], entry["shard_lengths"]
         if len(names) != len(lengths):
@@ -159,16 +162,22 @@ def listing(root: Path, info: dict, num_classes: int) -> tuple[list[ShardCheck],
                             f"sum to {sum(lengths)}")
         for name, length in zip(names, lengths):
             listed.add(os.path.normpath(name))
+            splits_here = folders.setdefault(os.path.dirname(os.path.normpath(name)), [])
+            splits_here += [] if split in splits_here else [split]
             path = root / name
             if path.is_file():
                 checks.append(ShardCheck(str(path), name, int(length), num_classes))
             else:
                 problems.append(f"{name}: listed in _info.json (split {split}) but missing")
+    for folder, splits in folders.items():
+        if len(splits) > 1:
+            problems.append(f"{os.path.join(folder, '') or './'}: holds the shards of splits {' and '.join(splits)}; "
+                            f"the harness reads one split per folder: move them with `python -m shards.layout {root}`")
     for path in sorted(root.rglob("*.tar")):
         name = os.path.normpath(path.relative_to(root))
         if name not in listed:
-            problems.append(f"{name}: .tar file not listed in _info.json (a loader reading the directory would "
-                            f"use it); delete it or rewrite the shards")
+            problems.append(f"{name}: .tar file not listed in _info.json (the harness and timm ignore it); delete it "
+                            f"or rewrite the shards")
     return checks, problems
 
 

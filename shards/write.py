@@ -4,20 +4,27 @@
     python -m shards.write /data/ilsvrc2012 --out data/imagenet --format ilsvrc --max-size 320
 
 Each split's files are put in one global, seeded permutation (so every shard mixes classes)
-and cut into shards of ``--shard-size`` samples: ``{split}-000000.tar`` ... with members
-``<key>.jpg`` (the source JPEG's bytes, untouched unless ``--max-size`` shrinks it or the
-source is not a JPEG) and ``<key>.cls`` (the class index as text). ``classes.txt`` lists the
-wnids (line number = class index) and timm's ``_info.json`` the shards and their lengths.
+and cut into shards of ``--shard-size`` samples: ``OUT/{split}/{split}-000000.tar`` ... (one
+folder per split, see :mod:`shards.layout`) with members ``<key>.jpg`` (the source JPEG's
+bytes, untouched unless ``--max-size`` shrinks it or the source is not a JPEG) and ``<key>.cls``
+(the class index as text). ``classes.txt`` lists the wnids (line number = class index) and
+timm's ``_info.json`` the shards, their lengths and what was skipped.
+
+A file that does not decode is skipped: it is left out of its shard (every other sample keeps
+its shard and position: the plan is made before anything is decoded) and listed, with the
+reason, under ``splits.<split>.skipped`` in ``_info.json``. ``--strict`` stops at the first
+such file instead.
 
 Restarting the same command resumes: the permutation depends only on the file list and the
 seed, a shard is written to ``<name>.tmp`` and renamed when complete, and finished shards
-(checked to hold exactly their planned samples) are kept. ``_info.json`` is written last.
+(checked to hold exactly their planned samples, less those that still do not decode) are kept.
+``_info.json`` is written last. A directory written before the per-split folders is moved into
+them (renames only) when the command is rerun on it.
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import multiprocessing
 import os
@@ -25,18 +32,17 @@ import sys
 import tarfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, TextIO
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from shards.imagenet import FORMATS, Item, SourceError, detect_format, open_source, read_item
+from shards.layout import (move_flat_layout, read_info, remove_temporaries, shard_file, shard_name, shard_writer,
+                           split_entry, write_info)
 
-# Fixed member mtime: a rewritten shard is byte-identical to the one it replaces.
-TAR_MTIME = 0
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -50,34 +56,47 @@ class Encoding:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard to write (one Pool task): its file name and its samples, in order."""
+    """One shard to write (one Pool task): its path relative to ``out``, its samples in order."""
 
     out: str
-    name: str
+    name: str  # as _info.json lists it: "train/train-000000.tar"
     items: list[Item]
     encoding: Encoding
+    strict: bool = False  # an undecodable file stops the run instead of being skipped
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A source file left out because it does not decode: _info.json's record of it."""
+
+    key: str
+    source: str
+    reason: str
 
 
 @dataclass(frozen=True)
 class ShardResult:
     name: str
-    samples: int
+    samples: int  # samples in the shard (planned, less the skipped)
     resumed: bool  # the shard was already complete and kept
+    skipped: tuple[Skipped, ...] = ()
+
+
+class Undecodable(Exception):
+    """An image PIL cannot decode (the loaders could not either); the message is PIL's reason."""
 
 
 # ---------------------------------------------------------------------------------------------
 # Planning: a pure function of the file list, the seed and the shard size
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
 def plan_shards(items: Sequence[Item], seed: int, shard_size: int) -> list[list[Item]]:
     """The split's samples in one seeded global permutation, cut into shards of ``shard_size``.
 
     Shuffling across the whole split (not within shards) is what lets a loader that reads a few
-    shards at a time still see every class; determinism is what makes a restart resume.
+    shards at a time still see every class; determinism is what makes a restart resume. The
+    plan is made before any image is decoded, so a file skipped later changes no other
+    sample's shard or position.
     """
     order = np.random.default_rng(seed).permutation(len(items))
     return [[items[i] for i in order[start:start + shard_size]] for start in range(0, len(items), shard_size)]
@@ -86,20 +105,26 @@ def plan_shards(items: Sequence[Item], seed: int, shard_size: int) -> list[list[
 # ---------------------------------------------------------------------------------------------
 # One shard (runs in a worker process)
 
+# PIL's failures on bad image data: what the loaders' decode would fail with too
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
-def encode_image(data: bytes, encoding: Encoding, where: str) -> bytes:
+
+def encode_image(data: bytes, encoding: Encoding) -> bytes:
     """JPEG bytes for a sample: the source bytes when they already fit, else an RGB re-encode.
 
-    Untouched bytes keep the dataset exactly as published (and cost no decode). EXIF rotation is
-    not applied on re-encode, matching loaders (PIL, torchvision) that ignore it on the originals.
+    Untouched bytes keep the dataset exactly as published; they are still decoded once (at
+    the smallest DCT scale, which reads the whole bitstream but skips most of the pixel work)
+    so that a file no loader could decode never reaches a shard. EXIF rotation is not applied
+    on re-encode, matching loaders (PIL, torchvision) that ignore it on the originals.
+    Raises :class:`Undecodable`.
     """
     is_jpeg = data.startswith(JPEG_MAGIC)
-    if is_jpeg and encoding.max_size is None:
-        return data
     try:
         img = Image.open(io.BytesIO(data))
         target = _resized(img.size, encoding.max_size)
         if is_jpeg and target is None:
+            img.draft(img.mode, (1, 1))  # 1/8 scale: a truncated or corrupt scan still fails
+            img.load()
             return data
         if target is not None:
             img.draft("RGB", target)  # JPEG: decode at a reduced DCT scale >= target, far faster
@@ -108,9 +133,8 @@ def encode_image(data: bytes, encoding: Encoding, where: str) -> bytes:
             img = img.convert("RGB")
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=encoding.quality)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SourceError(f"{where}: cannot decode this image ({e}); replace it with a valid image of the same "
-                          f"name and rerun the same command (finished shards are kept)") from None
+    except DECODE_ERRORS as e:
+        raise Undecodable(f"{type(e).__name__}: {e}") from None
     return buf.getvalue()
 
 
@@ -123,42 +147,76 @@ def _resized(size: tuple[int, int], max_size: Optional[int]) -> Optional[tuple[i
     return (max_size, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), max_size)
 
 
+def encoded(item: Item, encoding: Encoding, strict: bool) -> bytes | Skipped:
+    """The sample's image bytes, or its :class:`Skipped` record; under ``strict`` a SourceError instead."""
+    try:
+        return encode_image(read_item(item), encoding)
+    except Undecodable as e:
+        if strict:
+            raise SourceError(f"{item.where}: cannot decode this image ({e}); replace it with a valid image of the "
+                              f"same name and rerun the same command (finished shards are kept), or rerun without "
+                              f"--strict to skip such files") from None
+        return Skipped(item.key, item.where, str(e))
+
+
 def expected_members(keys: Iterable[str]) -> list[str]:
     """Member names of a complete shard, in the order TarWriter writes them (sorted per sample)."""
     return [f"{k}.{ext}" for k in keys for ext in ("cls", "jpg")]
 
 
-def shard_is_complete(path: Path, keys: Sequence[str]) -> bool:
-    """Whether ``path`` is a whole, readable tar holding exactly the planned samples in order.
-
-    A shard from an interrupted run, another seed or shard size, or a truncated copy fails this
-    and is rewritten.
-    """
+def shard_members(path: Path) -> Optional[list[str]]:
+    """Member names of a whole, readable tar; None for a truncated or unreadable one."""
     try:
         size = path.stat().st_size
         with tarfile.open(path, mode="r:") as tar:
             members = tar.getmembers()
     except (tarfile.TarError, OSError):
-        return False
+        return None
     if any(m.offset_data + m.size > size for m in members):  # tarfile lists a header whose data is cut
-        return False
-    return [m.name for m in members] == expected_members(keys)
+        return None
+    return [m.name for m in members]
+
+
+def kept_shard(path: Path, task: ShardTask) -> Optional[ShardResult]:
+    """The result for a complete shard already at ``path``, or None if it must be (re)written.
+
+    Complete: a whole tar holding the planned samples in order, where every planned sample it
+    lacks still fails to decode (it was skipped; one lost otherwise, say a shard cut at a member
+    boundary, decodes, and the shard is rewritten). A shard from an interrupted run, another
+    seed or shard size fails this. Only the missing samples are decoded again.
+    """
+    members = shard_members(path)
+    if members is None:
+        return None
+    present = {name.rsplit(".", 1)[0] for name in members}
+    kept = [item.key for item in task.items if item.key in present]
+    if members != expected_members(kept):
+        return None
+    skipped = []
+    for item in task.items:
+        if item.key not in present:
+            result = encoded(item, task.encoding, task.strict)
+            if not isinstance(result, Skipped):  # it decodes now: the shard lost it some other way
+                return None
+            skipped.append(result)
+    return ShardResult(task.name, len(kept), resumed=True, skipped=tuple(skipped))
 
 
 def write_shard(task: ShardTask) -> ShardResult:
-    """Write one shard via ``<name>.tmp`` and a rename, unless a complete one is already there."""
+    """Write one shard (via a temporary name), unless a complete one is already there."""
     final = Path(task.out) / task.name
-    if final.exists() and shard_is_complete(final, [item.key for item in task.items]):
-        return ShardResult(task.name, len(task.items), resumed=True)
-    # A rename is atomic, so a final name never holds a partial shard; no fsync: a shard damaged
-    # by a power cut fails shard_is_complete on restart and is rewritten.
-    tmp = final.with_name(final.name + ".tmp")
-    with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
+    if final.exists() and (kept := kept_shard(final, task)) is not None:
+        return kept
+    skipped, samples = [], 0
+    with shard_writer(final) as sink:
         for item in task.items:
-            image = encode_image(read_item(item), task.encoding, item.where)
+            image = encoded(item, task.encoding, task.strict)
+            if isinstance(image, Skipped):
+                skipped.append(image)
+                continue
             sink.write({"__key__": item.key, "jpg": image, "cls": item.label})
-    os.replace(tmp, final)
-    return ShardResult(task.name, len(task.items), resumed=False)
+            samples += 1
+    return ShardResult(task.name, samples, resumed=False, skipped=tuple(skipped))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,30 +297,31 @@ def write_classes(out: Path, classes: list[str]) -> None:
     path.write_text(text)
 
 
-def _write_json(path: Path, info: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, path)
-
-
 def load_info(out: Path, name: str, classes: list[str]) -> dict:
     """The existing ``_info.json`` (other splits are kept) or a new one."""
-    path = out / "_info.json"
-    if path.is_file():
-        try:
-            info = json.loads(path.read_text())
-        except ValueError:
-            info = {}
-        if isinstance(info.get("splits"), dict):
-            return {**info, "name": name, "classes": classes}
+    info = read_info(out)
+    if info is not None:
+        return {**info, "name": name, "classes": classes}
     return {"name": name, "classes": classes, "splits": {}}
 
 
-def split_info(split: str, shards: list[list[Item]]) -> dict:
-    """timm's split entry (timm.data.readers.reader_wds reads exactly these keys)."""
-    lengths = [len(s) for s in shards]
-    return {"name": split, "num_samples": sum(lengths), "filenames": [shard_name(split, i) for i in range(len(shards))],
-            "shard_lengths": lengths}
+def stale_files(out: Path, split: str, planned: int) -> list[str]:
+    """Shards of ``split`` beyond the plan (from a run with a smaller --shard-size), named in the report.
+
+    _info.json does not list them, so the harness and timm ignore them, but they take space and
+    ``shards.verify`` reports them.
+    """
+    names = {shard_name(split, i) for i in range(planned)}
+    return sorted(p.name for p in (out / split).glob(f"{split}-*.tar") if p.name not in names)
+
+
+def stale_report(out: Path, split: str, planned: int) -> list[str]:
+    """The report's warning about :func:`stale_files`, if there are any."""
+    stale = stale_files(out, split, planned)
+    if not stale:
+        return []
+    return [f"{split}: warning: {len(stale)} shard(s) not in this plan (e.g. {out / split / stale[0]}) are left from "
+            f"an earlier run with another --shard-size; _info.json does not list them: delete them"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,28 +355,41 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample permutation (default: 0)")
     p.add_argument("--val-labels", type=Path, help="ilsvrc: '<filename> <wnid>' lines instead of the devkit")
     p.add_argument("--name", help="dataset name in _info.json (default: SOURCE's folder name)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first file that does not decode (default: skip it and list it in _info.json)")
     return p.parse_args(argv)
 
 
-def write_split(pool, out: Path, split: str, shards: list[list[Item]], encoding: Encoding,
-                progress_stream: TextIO) -> Progress:
-    """Write (or resume) one split's shards in parallel, one Pool task per shard."""
-    tasks = [ShardTask(str(out), shard_name(split, i), shard, encoding) for i, shard in enumerate(shards)]
+def write_split(pool, out: Path, split: str, shards: list[list[Item]], encoding: Encoding, strict: bool,
+                progress_stream: TextIO) -> tuple[Progress, list[ShardResult]]:
+    """Write (or resume) one split's shards in parallel, one Pool task per shard; results in shard order."""
+    tasks = [ShardTask(str(out), shard_file(split, i), shard, encoding, strict) for i, shard in enumerate(shards)]
     progress = Progress(split, len(tasks), sum(len(s) for s in shards), progress_stream)
+    results = {}
     for result in pool.imap_unordered(write_shard, tasks):
-        progress.update(result.samples, result.resumed)
-    return progress
+        progress.update(result.samples + len(result.skipped), result.resumed)
+        results[result.name] = result
+    return progress, [results[task.name] for task in tasks]
 
 
-def stale_files(out: Path, split: str, planned: int) -> list[str]:
-    """Shards of ``split`` beyond the plan (from a run with a smaller --shard-size): loaders globbing
-    the directory would read them, so they are named in the report."""
-    names = {shard_name(split, i) for i in range(planned)}
-    return sorted(p.name for p in out.glob(f"{split}-*.tar") if p.name not in names)
+def skipped_report(out: Path, split: str, skipped: list[Skipped], shown: int = 10) -> list[str]:
+    """The report's lines for files skipped as undecodable: a count, then the first few."""
+    if not skipped:
+        return []
+    lines = [f"{split}: {len(skipped)} file(s) skipped because they do not decode (all listed under "
+             f"splits.{split}.skipped in {out / '_info.json'}; --strict stops at the first instead):"]
+    lines += [f"  {s.source}: {s.reason}" for s in skipped[:shown]]
+    if len(skipped) > shown:
+        lines.append(f"  ... and {len(skipped) - shown} more")
+    return lines
 
 
-def run(args: argparse.Namespace, log: TextIO = sys.stderr) -> None:
-    """Index the source, write every requested split, then ``_info.json``; raises SourceError."""
+def run(args: argparse.Namespace, log: Optional[TextIO] = None) -> None:
+    """Index the source, write every requested split, then ``_info.json``; raises SourceError.
+
+    ``log`` (progress and the report) is the current ``sys.stderr`` unless given.
+    """
+    log = log or sys.stderr
     source_dir: Path = args.source
     if not source_dir.is_dir():
         raise SourceError(f"{source_dir}: SOURCE not found (or not a directory); pass the folder holding "
@@ -337,30 +409,40 @@ def run(args: argparse.Namespace, log: TextIO = sys.stderr) -> None:
         raise SourceError(f"{out}: cannot create the output directory ({e.strerror}); pass a writable --out") \
             from None
     write_classes(out, classes)
+    move_flat_layout(out, log)  # a directory from before the split folders: its shards are kept, moved
+    for split in splits:
+        (out / split).mkdir(exist_ok=True)
     info = load_info(out, args.name or source_dir.resolve().name, classes)
     if any(s in info["splits"] for s in splits):
         # while these splits are rewritten _info.json must not vouch for them; other splits stay listed
         info["splits"] = {k: v for k, v in info["splits"].items() if k not in splits}
-        _write_json(out / "_info.json", info)
+        write_info(out, info)
     encoding = Encoding(args.max_size, args.quality)
     writer = {"source": str(source_dir.resolve()), "format": fmt, "seed": args.seed, "shard_size": args.shard_size,
               "max_size": args.max_size, "quality": args.quality}
     reports = []
-    with multiprocessing.Pool(min(args.workers, sum(math.ceil(len(v) / args.shard_size) for v in plans.values()))) \
-            as pool:
-        for split, items in plans.items():
-            shards = plan_shards(items, args.seed, args.shard_size)
-            progress = write_split(pool, out, split, shards, encoding, log)
-            # how the split was made, for the record (timm ignores extra keys)
-            info["splits"][split] = {**split_info(split, shards), "writer": writer}
-            reports.append(class_report(split, items, classes, len(shards)))
-            reports.append(f"{split}: {progress.done_shards - progress.resumed} shards written, "
-                           f"{progress.resumed} kept from an earlier run")
-            stale = stale_files(out, split, len(shards))
-            if stale:
-                reports.append(f"{split}: warning: {len(stale)} shard(s) not in this plan (e.g. {stale[0]}) are "
-                               f"left from an earlier run; delete them before reading {out} as a directory")
-    _write_json(out / "_info.json", info)  # last: its entry for a split means every shard is complete
+    remove_temporaries(out, splits)  # a killed run's half shards
+    try:
+        with multiprocessing.Pool(min(args.workers, sum(math.ceil(len(v) / args.shard_size)
+                                                        for v in plans.values()))) as pool:
+            for split, items in plans.items():
+                shards = plan_shards(items, args.seed, args.shard_size)
+                progress, results = write_split(pool, out, split, shards, encoding, args.strict, log)
+                skipped = [s for r in results for s in r.skipped]
+                if len(skipped) == len(items):
+                    raise SourceError(f"{source_dir}: none of the {len(items)} files of split {split} decodes "
+                                      f"(e.g. {skipped[0].source}: {skipped[0].reason}); check SOURCE")
+                # how the split was made and what it left out, for the record (timm ignores extra keys)
+                info["splits"][split] = split_entry(split, [r.samples for r in results], writer=writer,
+                                                    skipped=[asdict(s) for s in skipped])
+                left_out = {s.key for s in skipped}
+                reports.append(class_report(split, [i for i in items if i.key not in left_out], classes, len(shards)))
+                reports.append(f"{split}: {progress.done_shards - progress.resumed} shards written, "
+                               f"{progress.resumed} kept from an earlier run")
+                reports += skipped_report(out, split, skipped) + stale_report(out, split, len(shards))
+    finally:
+        remove_temporaries(out, splits)  # stopped by an error or Ctrl-C: the pool is gone, so are its half shards
+    write_info(out, info)  # last: its entry for a split means every shard is complete
     print(f"{len(classes)} classes -> {out / 'classes.txt'}", file=log)
     for line in reports:
         print(line, file=log)

@@ -77,6 +77,11 @@ def make_tarball(path: Path, dataset: str, train: int = TRAIN, test: int = TEST,
     return {"train": (pixels["train"], labels["train"]), "val": (pixels["val"], labels["val"]), "classes": classes}
 
 
+def files_under(out: Path) -> dict[str, Path]:
+    """Every file below ``out`` by its relative path (shards sit in split folders)."""
+    return {str(p.relative_to(out)): p for p in sorted(out.rglob("*")) if p.is_file()}
+
+
 def read_shard(path: Path) -> dict:
     """key -> (HWC pixels, label) of every sample in a shard."""
     samples: dict = {}
@@ -104,7 +109,7 @@ def test_shards_round_trip_pixels_labels_counts_and_info(tmp_path, dataset, caps
         entry = info["splits"][split]
         shards = (n + 15) // 16
         assert entry["name"] == split and entry["num_samples"] == n
-        assert entry["filenames"] == [f"{split}-{i:06d}.tar" for i in range(shards)]
+        assert entry["filenames"] == [f"{split}/{split}-{i:06d}.tar" for i in range(shards)]
         assert entry["shard_lengths"] == [16] * (n // 16) + ([n % 16] if n % 16 else [])
         pixels, labels = source[split]
         keys = []
@@ -124,18 +129,17 @@ def test_rerun_is_a_no_op_and_a_rewrite_is_byte_identical(tmp_path, capsys):
     make_tarball(tmp_path / "c.tar.gz", "cifar100")
     out = tmp_path / "out"
     cifar.write_cifar(tmp_path / "c.tar.gz", out, shard_size=16)
-    files = sorted(out.iterdir())
-    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+    before = {name: (p.read_bytes(), p.stat().st_mtime_ns) for name, p in files_under(out).items()}
     capsys.readouterr()
     again = cifar.write_cifar(tmp_path / "c.tar.gz", out, shard_size=16)
     assert "already complete" in capsys.readouterr().err
     assert again == json.loads((out / "_info.json").read_text())
-    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.iterdir())} == before
+    assert {name: (p.read_bytes(), p.stat().st_mtime_ns) for name, p in files_under(out).items()} == before
     # an interrupted run: a shard missing, a half-written .tmp; the rerun writes everything again, identically
-    (out / "train-000001.tar").unlink()
-    (out / "val-000000.tar.tmp").write_bytes(b"partial")
+    (out / "train" / "train-000001.tar").unlink()
+    (out / "val" / "val-000000.tar.tmp").write_bytes(b"partial")
     cifar.write_cifar(tmp_path / "c.tar.gz", out, shard_size=16, workers=2)  # a Pool of 2 writes the same bytes
-    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == {k: v[0] for k, v in before.items()}
+    assert {name: p.read_bytes() for name, p in files_under(out).items()} == {k: v[0] for k, v in before.items()}
 
 
 def test_other_dataset_into_the_same_directory_is_refused(tmp_path, capsys):

@@ -128,7 +128,7 @@ def gpu_path(urls, train, device="cpu"):
 @pytest.mark.parametrize("device", DEVICES)
 def test_evaluation_returns_the_image_unchanged_on_both_paths(cifar_shards, device):
     out, source = cifar_shards
-    urls = expand_urls(str(out / "val-{000000..000001}.tar"))
+    urls = expand_urls(str(out / "val"))
     pixels, labels = source["val"]
     cpu_x, cpu_y = run(EpochLoader(stream(urls, eval_transform(PRE), False), 0, pin_memory=False, pre=PRE))
     gpu_x, gpu_y = run(gpu_path(urls, train=False, device=device))
@@ -141,7 +141,7 @@ def test_evaluation_returns_the_image_unchanged_on_both_paths(cifar_shards, devi
 def test_gpu_path_equals_the_cpu_path_exactly(cifar_shards, device):
     """PNG members: the worker sends the PNG's pixels, so training crops match pixel for pixel."""
     out, _ = cifar_shards
-    urls = expand_urls(str(out / "train-{000000..000003}.tar"))
+    urls = expand_urls(str(out / "train"))
     cpu_x, cpu_y = run(EpochLoader(stream(urls, cifar_train_transform(PRE, PAD, 0.5), True), 0, pin_memory=False,
                                    pre=PRE))
     gpu_x, gpu_y = run(gpu_path(urls, train=True, device=device))
@@ -153,7 +153,7 @@ def test_gpu_path_equals_the_cpu_path_exactly(cifar_shards, device):
 @pytest.mark.parametrize("path", ["cpu", "gpu"])
 def test_resume_mid_epoch_crops_as_an_uninterrupted_run(cifar_shards, path):
     out, _ = cifar_shards
-    urls = expand_urls(str(out / "train-{000000..000003}.tar"))
+    urls = expand_urls(str(out / "train"))
 
     def loader():
         transform = (cifar_train_transform(PRE, PAD, 0.5) if path == "cpu"
@@ -196,7 +196,7 @@ def write_recipe(tmp_path, train, val, augment, **data):
 
 def test_recipe_chooses_the_augmentation_and_the_data_path(cifar_shards, tmp_path):
     out, _ = cifar_shards
-    train, val = str(out / "train-{000000..000003}.tar"), str(out / "val-{000000..000001}.tar")
+    train, val = str(out / "train"), str(out / "val")
     cifar = load_recipe(write_recipe(tmp_path, train, val, {"kind": "cifar", "padding": 2}))
     assert cifar.data.crop_pct == 1.0 and cifar.data.augment.padding == 2  # resolved: the whole image at eval
     for device in ("cpu", "cuda"):  # auto: the CPU path even on a CUDA device
@@ -224,7 +224,7 @@ def test_recipe_chooses_the_augmentation_and_the_data_path(cifar_shards, tmp_pat
 
 def test_recipe_refuses_a_center_crop_with_cifar(cifar_shards, tmp_path):
     out, _ = cifar_shards
-    train, val = str(out / "train-{000000..000003}.tar"), str(out / "val-{000000..000001}.tar")
+    train, val = str(out / "train"), str(out / "val")
     path = write_recipe(tmp_path, train, val, {"kind": "cifar"}, crop_pct=0.875)
     with pytest.raises(RecipeError, match=r"`data.augment.kind: cifar` evaluates the whole image, without a "
                                           r"center crop, but `data.crop_pct` is 0.875; remove `data.crop_pct` "

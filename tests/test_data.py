@@ -1,7 +1,10 @@
 """The shard stream: every rank the same number of batches, evaluation exact, order reproducible."""
-import pytest
+import io
 
-from harness.data import DataError, EpochLoader, Preprocess, ShardStream, eval_transform, expand_urls
+import pytest
+import torch
+
+from harness.data import DataError, EpochLoader, Preprocess, ShardStream, eval_transform, expand_urls, select_shards
 
 PRE = Preprocess(image_size=8, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -9,8 +12,6 @@ PRE = Preprocess(image_size=8, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory):
     """Shards whose images carry their own sample index in the first two pixels."""
-    import io
-
     import numpy as np
     import webdataset as wds
     from PIL import Image
@@ -46,10 +47,84 @@ def _indices(x) -> list[int]:
 
 
 def test_expand_urls_directory_pattern_and_missing(digits):
-    assert len(expand_urls(str(digits))) == 6
-    assert len(expand_urls(str(digits / "train-{000000..000003}.tar"))) == 4
-    with pytest.raises(FileNotFoundError, match="train-000008.tar and 1 more"):
-        expand_urls(str(digits / "train-{000008..000009}.tar"))
+    assert len(expand_urls(str(digits / "train"))) == 4
+    assert len(expand_urls(str(digits / "train" / "train-{000000..000003}.tar"))) == 4
+    with pytest.raises(DataError, match="train-000008.tar and 1 more"):
+        expand_urls(str(digits / "train" / "train-{000008..000009}.tar"))
+
+
+def test_a_split_is_what_info_json_lists_with_its_size_whole_or_in_part(digits):
+    folder = select_shards(str(digits / "val"), "data.val")
+    assert folder.split == "val" and folder.info == str(digits / "_info.json")
+    assert folder.urls == [str(digits / "val" / f"val-00000{i}.tar") for i in range(2)]
+    assert sum(folder.lengths.values()) == folder.split_samples == 359  # the whole split: its size is known
+    pattern = select_shards(str(digits / "train" / "train-{000000..000003}.tar"))
+    assert pattern.split == "train" and pattern.split_samples == 1438
+    one = select_shards(str(digits / "train" / "train-000000.tar"))  # recipes/compare: a quarter of the split
+    assert one.split == "train" and one.split_samples is None and list(one.lengths.values()) == [360]
+
+
+def test_shards_of_two_splits_given_as_one_are_refused_naming_both(digits):
+    with pytest.raises(DataError) as e:
+        select_shards(str(digits) + "/{train/train-000000,val/val-000001}.tar", "data.train")
+    msg = str(e.value)
+    assert msg.startswith("`data.train`: ") and "names the shards of 2 splits: train (1 shard(s)" in msg
+    assert "and val (1 shard(s), e.g. " + str(digits / "val" / "val-000001.tar") in msg
+    with pytest.raises(DataError, match=rf"{digits} is a dataset folder holding 2 split\(s\): train in "
+                                        rf"{digits / 'train'}, val in {digits / 'val'}; give one split's folder"):
+        select_shards(str(digits), "data.val")
+
+
+def test_a_folder_reads_only_listed_shards_and_names_the_others(digits, tmp_path):
+    import shutil
+
+    copy = tmp_path / "digits"
+    shutil.copytree(digits, copy)
+    shutil.copy(copy / "val" / "val-000000.tar", copy / "val" / "old-000009.tar")  # left from another run
+    shards = select_shards(str(copy / "val"))
+    assert len(shards.urls) == 2 and shards.unlisted == (str(copy / "val" / "old-000009.tar"),)
+    (copy / "val" / "val-000001.tar").unlink()
+    with pytest.raises(DataError, match=r"_info.json lists 2 shards here but 1 are missing .*val-000001.tar.*rerun"):
+        select_shards(str(copy / "val"))
+
+
+def test_an_evaluation_must_see_the_whole_split_it_was_given(digits):
+    whole = select_shards(str(digits / "val"))
+    whole.check_evaluated(359)
+    with pytest.raises(DataError, match=r"saw 357 samples, but .*_info.json gives split val 359 \(2 missing\): "
+                                        r"samples that do not decode .* `python -m shards.verify "):
+        whole.check_evaluated(357)
+    with pytest.raises(DataError, match=r"\(1 too many\): the shards hold more samples than _info.json lists"):
+        whole.check_evaluated(360)
+    select_shards(str(digits / "val" / "val-000000.tar")).check_evaluated(3)  # part of a split: no whole to check
+
+
+def test_evaluation_with_a_sample_that_does_not_decode_stops(digits, tmp_path):
+    """The run's evaluation (harness/run.py) on a split whose shard lost a sample: refused, not a smaller top-1."""
+    import shutil
+    import tarfile
+
+    import timm
+    from harness.engine import Runtime
+    from harness.run import evaluate_split
+
+    copy = tmp_path / "digits"
+    shutil.copytree(digits, copy)
+    shard = copy / "val" / "val-000001.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            data = b"not a png" if m.name == members[1][0].name else data  # the first sample's image
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    val = select_shards(str(copy / "val"))
+    loader = EpochLoader(ShardStream(val.urls, eval_transform(PRE), 10, 64, train=False), 0, pin_memory=False,
+                         pre=PRE, shards=val)
+    rt = Runtime(device=torch.device("cpu"), rank=0, world_size=1, local_rank=0, bf16=False, zero_stage=0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    with pytest.raises(DataError, match=r"saw 358 samples, but .*gives split val 359 \(1 missing\)"):
+        evaluate_split({"student": model}, loader, rt, image_size=8)
 
 
 VAL = range(900, 900 + 359)
@@ -126,7 +201,6 @@ def test_too_few_train_shards_for_the_ranks_is_refused_with_the_count(indexed):
 
 
 def test_corrupt_sample_is_skipped_and_the_run_goes_on(tmp_path, digits, caplog):
-    import io
     import webdataset as wds
     from PIL import Image
 

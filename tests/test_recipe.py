@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write(tmp_path: Path, digits: Path, **changes) -> Path:
     tree = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
-    tree["data"]["train"] = str(digits / "train-{000000..000003}.tar")
-    tree["data"]["val"] = str(digits / "val-{000000..000001}.tar")
+    tree["data"]["train"] = str(digits / "train")
+    tree["data"]["val"] = str(digits / "val")
     ckpt = tmp_path / "teacher.pth"
     torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), ckpt)
     tree["teachers"][0]["checkpoint"] = str(ckpt)
@@ -74,7 +74,7 @@ def test_missing_teacher_checkpoint_names_key_and_fix(digits, tmp_path):
 
 def test_missing_shards_named(digits, tmp_path):
     with pytest.raises(RecipeError, match=r"`data.val`: shard not found: .*val-000006.tar and 1 more"):
-        load_recipe(write(tmp_path, digits, data__val=str(digits / "val-{000006..000007}.tar")))
+        load_recipe(write(tmp_path, digits, data__val=str(digits / "val" / "val-{000006..000007}.tar")))
 
 
 def test_teacher_classifier_must_match_dataset_classes(digits, tmp_path):

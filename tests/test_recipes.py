@@ -73,8 +73,8 @@ STAND_INS = {
 
 def stand_in_overrides(name: str, tmp: Path, digits: Path) -> list[str]:
     student, teachers, extra = STAND_INS[name]
-    sets = [f"output={tmp / name}", f"data.train={digits / 'train-{000000..000003}.tar'}",
-            f"data.val={digits / 'val-{000000..000001}.tar'}", "data.num_classes=10", "data.image_size=16",
+    sets = [f"output={tmp / name}", f"data.train={digits / 'train'}",
+            f"data.val={digits / 'val'}", "data.num_classes=10", "data.image_size=16",
             "data.batch_size=16", "data.train_samples=64", "data.workers=1", "data.shuffle_buffer=100",
             f"student.model={student}", "schedule.epochs=1", "runtime.log_every=2", "runtime.threads=1"]
     for k, teacher in enumerate(teachers):

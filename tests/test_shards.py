@@ -143,6 +143,11 @@ def written(fake, tmp_path_factory) -> Path:
     return out
 
 
+def shard_files(out: Path) -> dict:
+    """``{relative path: (mtime_ns, bytes)}`` of every shard below ``out``."""
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.rglob("*.tar"))}
+
+
 def read_shards(out: Path, split: str) -> list:
     """``(shard, key, label, jpg bytes)`` of every sample, in _info.json's shard order."""
     info = json.loads((out / "_info.json").read_text())
@@ -166,7 +171,8 @@ def test_imagefolder_shards_labels_bytes_info_and_shuffle(fake, written):
         n = len(WNIDS) * per_class
         entry = info["splits"][split]
         assert entry["name"] == split and entry["num_samples"] == n == len(samples)
-        assert entry["filenames"] == [f"{split}-{i:06d}.tar" for i in range(-(-n // SHARD))]
+        assert entry["filenames"] == [f"{split}/{split}-{i:06d}.tar" for i in range(-(-n // SHARD))]
+        assert entry["skipped"] == []
         assert entry["shard_lengths"] == [SHARD] * (n // SHARD) + ([n % SHARD] if n % SHARD else [])
         assert sorted(k for _, k, _, _ in samples) == sorted(k for k in fake.wnid_of if k.startswith("n") == (split == "train"))
         for _, key, label, jpg in samples:
@@ -177,7 +183,7 @@ def test_imagefolder_shards_labels_bytes_info_and_shuffle(fake, written):
     by_shard = {}
     for shard, _, label, _ in read_shards(written, "train"):
         by_shard.setdefault(shard, set()).add(label)
-    assert all(len(labels) >= 5 for shard, labels in by_shard.items() if shard != "train-000007.tar")
+    assert all(len(labels) >= 5 for shard, labels in by_shard.items() if shard != "train/train-000007.tar")
 
 
 def test_ilsvrc_files_give_the_same_classes_labels_and_bytes(fake, written, tmp_path):
@@ -262,32 +268,32 @@ def test_verify_passes_good_shards_and_names_shard_and_key_of_each_problem(writt
 
     bad = tmp_path / "bad"
     shutil.copytree(written, bad)
-    key = _rewrite_member(bad / "train-000002.tar", ".jpg", b"this is not a jpeg" * 20)
+    key = _rewrite_member(bad / "train" / "train-000002.tar", ".jpg", b"this is not a jpeg" * 20)
     code, out = run_verify(bad, capsys)
-    assert code == 1 and f"train-000002.tar:{key}: .jpg does not decode" in out
+    assert code == 1 and f"train/train-000002.tar:{key}: .jpg does not decode" in out
     assert "1 problem(s)" in out
 
-    shutil.copy(written / "train-000002.tar", bad / "train-000002.tar")
-    key = _rewrite_member(bad / "val-000001.tar", ".cls", b"20")  # 20 classes: 0..19
+    shutil.copy(written / "train" / "train-000002.tar", bad / "train" / "train-000002.tar")
+    key = _rewrite_member(bad / "val" / "val-000001.tar", ".cls", b"20")  # 20 classes: 0..19
     code, out = run_verify(bad, capsys)
-    assert code == 1 and f"val-000001.tar:{key}: label 20 outside [0, 20)" in out
+    assert code == 1 and f"val/val-000001.tar:{key}: label 20 outside [0, 20)" in out
 
-    shutil.copy(written / "val-000001.tar", bad / "val-000001.tar")
-    shard = bad / "train-000004.tar"
+    shutil.copy(written / "val" / "val-000001.tar", bad / "val" / "val-000001.tar")
+    shard = bad / "train" / "train-000004.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    shutil.copy(written / "val-000000.tar", bad / "extra-000000.tar")
-    (bad / "val-000002.tar").unlink()
+    shutil.copy(written / "val" / "val-000000.tar", bad / "val" / "extra-000000.tar")
+    (bad / "val" / "val-000002.tar").unlink()
     code, out = run_verify(bad, capsys)
     assert code == 1
-    assert "train-000004.tar: truncated or unreadable tar" in out
-    assert re.search(rf"train-000004.tar: \d+ samples, _info.json says {SHARD}", out)
-    assert "extra-000000.tar: .tar file not listed in _info.json" in out
-    assert "val-000002.tar: listed in _info.json (split val) but missing" in out
+    assert "train/train-000004.tar: truncated or unreadable tar" in out
+    assert re.search(rf"train/train-000004.tar: \d+ samples, _info.json says {SHARD}", out)
+    assert "val/extra-000000.tar: .tar file not listed in _info.json (the harness and timm ignore it)" in out
+    assert "val/val-000002.tar: listed in _info.json (split val) but missing" in out
 
 
 def test_verify_flags_a_sample_without_label(written, tmp_path, capsys):
     shutil.copytree(written, tmp_path / "d")
-    shard = tmp_path / "d" / "train-000000.tar"
+    shard = tmp_path / "d" / "train" / "train-000000.tar"
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
     with tarfile.open(shard, "w") as tar:
@@ -295,22 +301,22 @@ def test_verify_flags_a_sample_without_label(written, tmp_path, capsys):
             tar.addfile(m, io.BytesIO(data))
     key = members[0][0].name[:-len(".cls")]
     code, out = run_verify(tmp_path / "d", capsys)
-    assert code == 1 and f"train-000000.tar:{key}: no .cls member" in out
+    assert code == 1 and f"train/train-000000.tar:{key}: no .cls member" in out
 
 
 def test_resume_rewrites_only_missing_or_broken_shards_identically(fake, written, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(written, out)
-    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
-    (out / "train-000003.tar").unlink()
-    (out / "train-000003.tar.tmp").write_bytes(b"left by a killed writer")
-    broken = out / "val-000001.tar"
+    before = shard_files(out)
+    (out / "train" / "train-000003.tar").unlink()
+    (out / "train" / "train-000003.tar.tmp").write_bytes(b"left by a killed writer")
+    broken = out / "val" / "val-000001.tar"
     broken.write_bytes(broken.read_bytes()[:3000])  # a truncated copy under a final name
     assert write(fake.folder, out) == 0
-    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
-    assert sorted(after) == sorted(before) and not list(out.glob("*.tmp"))
+    after = shard_files(out)
+    assert sorted(after) == sorted(before) and not list(out.rglob("*.tmp"))
     rewritten = {name for name in before if after[name][0] != before[name][0]}
-    assert rewritten == {"train-000003.tar", "val-000001.tar"}  # the other 9 untouched
+    assert rewritten == {"train/train-000003.tar", "val/val-000001.tar"}  # the other 9 untouched
     assert all(after[name][1] == before[name][1] for name in before)  # byte-identical, deterministic plan
 
 
@@ -338,7 +344,7 @@ def test_timm_wds_reader_yields_every_sample_with_its_label(written):
 def test_harness_shard_stream_reads_timm_convention_shards(written):
     from harness.data import EpochLoader, Preprocess, ShardStream, eval_transform, expand_urls
 
-    urls = expand_urls(str(written / "val-{000000..000002}.tar"))
+    urls = expand_urls(str(written / "val"))
     pre = Preprocess(image_size=16, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     stream = ShardStream(urls, eval_transform(pre), len(WNIDS), 8, train=False)
     labels = [y for _, ys in EpochLoader(stream, workers=0, pin_memory=False, pre=pre).epoch(0) for y in ys.tolist()]
@@ -394,5 +400,111 @@ def test_input_errors_name_the_file_and_exit_2(fake, tmp_path, capsys):
     broken = tree / "train" / PNG_CLASS / f"{PNG_CLASS}_2.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     shutil.rmtree(tree / "val" / "n99999999")
-    err = _error(capsys, tree, tmp_path / "o7", "--splits", "train")
-    assert f"{broken}: cannot decode this image" in err
+    err = _error(capsys, tree, tmp_path / "o7", "--splits", "train", "--strict")
+    assert f"{broken}: cannot decode this image" in err and "without --strict to skip" in err
+    assert not list((tmp_path / "o7").rglob("*.tmp"))  # the stop left no half-written shard
+
+
+# ----------------------------------------------------------------------------- undecodable files
+
+
+def _break(tree: Path, fake: FakeImageNet) -> dict[str, Path]:
+    """Two train files that do not decode: a JPEG cut in half, a PNG class file of garbage."""
+    cut = tree / "train" / WNIDS[0] / f"{WNIDS[0]}_1.JPEG"
+    cut.write_bytes(fake.data_of[f"{WNIDS[0]}_1"][: len(fake.data_of[f"{WNIDS[0]}_1"]) // 2])
+    garbage = tree / "train" / PNG_CLASS / f"{PNG_CLASS}_4.png"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    return {f"{WNIDS[0]}_1": cut, f"{PNG_CLASS}_4": garbage}
+
+
+def test_undecodable_files_are_skipped_listed_and_every_other_sample_keeps_its_place(fake, written, tmp_path,
+                                                                                     capsys):
+    tree = tmp_path / "tree"
+    shutil.copytree(fake.folder, tree)
+    broken = _break(tree, fake)
+    out = tmp_path / "out"
+    assert write(tree, out) == 0
+    err = capsys.readouterr().err
+    assert "train: 2 file(s) skipped because they do not decode" in err
+    assert all(str(path) in err for path in broken.values())
+    info = json.loads((out / "_info.json").read_text())
+    train = info["splits"]["train"]
+    assert {s["key"]: s["source"] for s in train["skipped"]} == {k: str(p) for k, p in broken.items()}
+    assert all(s["reason"] for s in train["skipped"])
+    assert train["num_samples"] == sum(train["shard_lengths"]) == len(WNIDS) * TRAIN_PER_CLASS - 2
+    # the plan is made before decoding: every other sample is in the same shard, in the same order
+    expected = [(shard, key) for shard, key, _, _ in read_shards(written, "train") if key not in broken]
+    assert [(shard, key) for shard, key, _, _ in read_shards(out, "train")] == expected
+    assert read_shards(out, "val") == read_shards(written, "val")
+    assert not list(out.rglob("*.tmp"))
+    assert verify_cli.main([str(out), "--workers", "1"]) == 0  # the shards hold what _info.json says
+    assert "train: 118 samples" in err
+
+    # a rerun keeps every shard (the skipped files still do not decode); one repaired file: its shard only
+    before = shard_files(out)
+    assert write(tree, out) == 0
+    assert shard_files(out) == before
+    assert json.loads((out / "_info.json").read_text())["splits"]["train"]["skipped"] == train["skipped"]
+    broken[f"{WNIDS[0]}_1"].write_bytes(fake.data_of[f"{WNIDS[0]}_1"])
+    assert write(tree, out) == 0
+    after = shard_files(out)
+    rewritten = [name for name in before if after[name][0] != before[name][0]]
+    assert len(rewritten) == 1 and f"{WNIDS[0]}_1" in [k for s, k, _, _ in read_shards(out, "train") if s == rewritten[0]]
+    assert [s["key"] for s in json.loads((out / "_info.json").read_text())["splits"]["train"]["skipped"]] == \
+        [f"{PNG_CLASS}_4"]
+
+
+def test_strict_stops_at_an_undecodable_file_and_leaves_no_half_shard(fake, tmp_path, capsys):
+    tree = tmp_path / "tree"
+    shutil.copytree(fake.folder, tree)
+    broken = _break(tree, fake)
+    out = tmp_path / "out"
+    err = _error(capsys, tree, out, "--strict", "--shard-size", "4", "--workers", "2")
+    assert any(f"error: {path}: cannot decode this image" in err for path in broken.values())
+    assert not list(out.rglob("*.tmp")) and not (out / "_info.json").exists()
+    assert err.count("error:") == 1
+
+
+# ----------------------------------------------------------------------------- the older flat layout
+
+
+def _flatten(written: Path, flat: Path) -> None:
+    """``written`` as writers before the per-split folders left it: every shard side by side."""
+    shutil.copytree(written, flat)
+    info = json.loads((flat / "_info.json").read_text())
+    for entry in info["splits"].values():
+        for name in entry["filenames"]:
+            (flat / name).rename(flat / Path(name).name)
+        entry["filenames"] = [Path(name).name for name in entry["filenames"]]
+    (flat / "_info.json").write_text(json.dumps(info))
+    for split in info["splits"]:
+        (flat / split).rmdir()
+
+
+def test_a_flat_directory_is_refused_with_the_fix_and_moved_by_renames(fake, written, tmp_path, capsys):
+    from harness.data import DataError, select_shards
+    from shards import layout
+
+    flat = tmp_path / "flat"
+    _flatten(written, flat)
+    with pytest.raises(DataError, match=rf"shard not found: {flat / 'train'}; {flat} holds its shards in the older "
+                                        rf"layout .*`python -m shards.layout {flat}` \(renames only\)"):
+        select_shards(str(flat / "train"), "data.train")
+    with pytest.raises(DataError, match=r"names the shards of 2 splits: train \(8 shard\(s\).* and val \(3 shard"):
+        select_shards(str(flat), "data.train")  # both splits in one folder
+    code, out = verify_cli.main([str(flat), "--workers", "1"]), capsys.readouterr().out
+    assert code == 1 and "./: holds the shards of splits train and val" in out
+
+    inodes = {p.name: p.stat().st_ino for p in flat.glob("*.tar")}
+    assert layout.main([str(flat)]) == 0
+    assert {p.name: p.stat().st_ino for p in flat.rglob("*.tar")} == inodes  # moved, not rewritten
+    assert select_shards(str(flat / "val")).split_samples == len(WNIDS) * VAL_PER_CLASS
+    assert verify_cli.main([str(flat), "--workers", "1"]) == 0
+    assert layout.main([str(flat)]) == 0 and "nothing to move" in capsys.readouterr().out
+
+    again = tmp_path / "again"  # the writer, rerun on a flat directory, keeps every shard
+    _flatten(written, again)
+    before = {p.name: p.stat().st_mtime_ns for p in again.glob("*.tar")}
+    assert write(fake.folder, again) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in again.rglob("*.tar")} == before
+    assert shard_files(again).keys() == shard_files(written).keys()
