@@ -7,6 +7,8 @@ teacher's classifier on a projected student map.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,7 @@ class CifarNet(nn.Module):
     """
 
     classifier_name: str = "fc"
+    linear_init_std: Optional[float] = None  # N(0, std) weights and zero bias (VGG, MobileNetV2); None: PyTorch's
 
     def __init__(self, num_features: int, num_classes: int, drop_rate: float = 0.0):
         super().__init__()
@@ -34,7 +37,10 @@ class CifarNet(nn.Module):
     # ------------------------------------------------------------------ classifier
 
     def init_linear(self, linear: nn.Linear) -> None:
-        """How this family initialises its classifier; PyTorch's default unless overridden."""
+        """How this family initialises its classifier: ``linear_init_std`` if set, else PyTorch's default."""
+        if self.linear_init_std is not None:
+            nn.init.normal_(linear.weight, 0.0, self.linear_init_std)
+            nn.init.zeros_(linear.bias)
 
     def new_classifier(self, num_classes: int) -> nn.Module:
         """A fresh classifier for ``num_classes`` outputs (``nn.Identity`` for 0, as in timm)."""

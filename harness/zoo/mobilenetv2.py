@@ -47,6 +47,7 @@ class CifarMobileNetV2(CifarNet):
     """MobileNetV2 (expansion 6, width ``width``) for 32 px inputs; final map 1280 x 2 x 2."""
 
     classifier_name = "classifier.0"
+    linear_init_std = 0.01
 
     def __init__(self, width: float = 0.5, num_classes: int = 100, in_chans: int = 3, drop_rate: float = 0.0):
         last = int(1280 * width) if width > 1.0 else 1280
@@ -65,10 +66,6 @@ class CifarMobileNetV2(CifarNet):
         self.classifier = nn.Sequential(nn.Identity())  # its Linear is set by init_head
         kaiming_fan_out_(self)
         self.init_head()
-
-    def init_linear(self, linear: nn.Linear) -> None:
-        nn.init.normal_(linear.weight, 0.0, 0.01)
-        nn.init.zeros_(linear.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

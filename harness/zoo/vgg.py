@@ -35,6 +35,7 @@ class CifarVGG(CifarNet):
     """VGG-BN over 32 px inputs; the final feature map is 512 x 4 x 4."""
 
     classifier_name = "classifier"
+    linear_init_std = 0.01
 
     def __init__(self, config: Sequence[Sequence[int]], num_classes: int = 100, in_chans: int = 3,
                  drop_rate: float = 0.0):
@@ -45,10 +46,6 @@ class CifarVGG(CifarNet):
         self.pool = nn.MaxPool2d(2, 2)
         kaiming_fan_out_(self)
         self.init_head()
-
-    def init_linear(self, linear: nn.Linear) -> None:
-        nn.init.normal_(linear.weight, 0.0, 0.01)
-        nn.init.zeros_(linear.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         side = x.shape[-1]
