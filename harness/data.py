@@ -559,7 +559,8 @@ def plan_data(recipe, world_size: int, device: torch.device, grad_accum: int = 1
     lengths = train.lengths
     if len(lengths) < len(train.urls):
         if not d.train_samples:
-            raise DataError(f"the train set size is unknown: no _info.json lists {train.urls[len(lengths)]}; write "
+            raise DataError(f"the train set size is unknown: no _info.json lists "
+                            f"{next(u for u in train.urls if u not in lengths)}; write "
                             f"shards with `python -m shards.write` (which lists them) or set `data.train_samples`")
         lengths = {u: d.train_samples // len(train.urls) for u in train.urls}  # an estimate; see EpochLoader
     # a stream without a transform reads nothing: it only deals the shards to count the epoch's batches

@@ -85,8 +85,8 @@ def checkpoint_shapes(path: str, where: str) -> dict[str, tuple[int, ...]]:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
 
-            with safe_open(path, framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            with safe_open(path, framework="pt") as f:  # timm's load strips DDP / compile prefixes: so here
+                return timm.models.clean_state_dict({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         state = timm.models.load_state_dict(path, device="meta")
     except Exception as e:  # torch.load and safetensors fail in many ways on a file that is not weights
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__

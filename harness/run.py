@@ -83,15 +83,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.set)
     except RecipeError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank refuses alike: one message
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refused(str(e))
     try:
         resume_from = preflight(recipe, args)
     except USER_ERRORS as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {args.recipe}: {e}", file=sys.stderr)
-        return 2
+        return refused(f"{args.recipe}: {e}")
     # `kill -USR2 <pid>` prints every thread's Python stack to stderr: where a stuck rank waits.
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     # Handlers first: a warning signal that arrives during start-up must not kill the process.
@@ -121,6 +117,13 @@ def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[Path]:
     if not path.is_dir():
         raise RecipeError(f"--resume {resume}: no such checkpoint directory")
     return path
+
+
+def refused(message: str) -> int:
+    """Print a refusal before start-up, once (rank 0: every rank refuses alike); the exit status 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def preflight(recipe: Recipe, args: argparse.Namespace) -> Optional[Path]:
