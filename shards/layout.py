@@ -96,10 +96,10 @@ def remove_temporaries(out: Path, splits: Sequence[str]) -> None:
     """Delete half-written shards (``*.tar.tmp``) of ``splits``: a stopped writer's leftovers.
 
     Called by a writer at its start and on its way out, whatever stopped it, so a directory it
-    leaves holds only complete shards.
+    leaves holds only complete shards (those of the older flat layout's writers included).
     """
     for split in splits:
-        for tmp in (out / split).glob(f"*.tar{TMP_SUFFIX}"):
+        for tmp in [*(out / split).glob(f"*.tar{TMP_SUFFIX}"), *out.glob(f"{split}-*.tar{TMP_SUFFIX}")]:
             tmp.unlink(missing_ok=True)
 
 
@@ -139,7 +139,9 @@ def move_flat_layout(out: Path, log: Optional[TextIO] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m shards.layout DIR``: move a flat shard directory into split folders."""
-    p = argparse.ArgumentParser(prog="python -m shards.layout", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m shards.layout",
+                                description="Move a shard directory written with every split side by side into "
+                                            "per-split folders (renames only; _info.json rewritten last).")
     p.add_argument("dir", type=Path, help="shard directory holding _info.json")
     p.add_argument("--quiet", action="store_true", help="say nothing when there is nothing to move")
     args = p.parse_args(argv)
