@@ -436,7 +436,7 @@ def write_plot(path: Path, title: str, rows: Sequence[dict[str, Any]], teachers:
     from matplotlib.ticker import MaxNLocator
 
     pairs = list(dict.fromkeys(r["pair"] for r in rows))
-    fig, grid = plt.subplots(len(pairs), 2, figsize=(12, 4.5 * len(pairs) + 1), dpi=120, squeeze=False)
+    fig, grid = plt.subplots(len(pairs), 2, figsize=(15, 4.5 * len(pairs) + 1), dpi=120, squeeze=False)
     for pair, axes in zip(pairs, grid):
         pair_rows = [r for r in rows if r["pair"] == pair]
         pair_teachers = [teachers[s] for s in teacher_pairs.get(pair, [])]
@@ -455,17 +455,17 @@ def write_plot(path: Path, title: str, rows: Sequence[dict[str, Any]], teachers:
                     top.append(r["published"] / 100)
                 low += [m - s for m, s in zip(mean, std)]
                 top.append(max(mean))
-            for t in pair_teachers:
+            for i, t in enumerate(pair_teachers):  # labels stacked: teachers often score alike
                 ax.axhline(t["top1"], linestyle="--", linewidth=1, color="grey")
                 ax.annotate(f"teacher {t['model']} {t['top1']:.3f}", (first, t["top1"]), fontsize=7, color="grey",
-                            xytext=(2, -2), textcoords="offset points", ha="left", va="top")  # early epochs sit low
+                            xytext=(2, -2 - 9 * i), textcoords="offset points", ha="left", va="top")
             ax.set_ylim(min(low) - 0.01, min(1.0, max(top) + 0.01) + 0.005)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch")
             ax.set_title(f"{pair}: " + ("all epochs" if first == 1 else f"epochs {first}-{last}, zoomed"), fontsize=9)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("validation top-1 of the deployed student")
-        axes[1].legend(fontsize=7, loc="lower right")
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside: the curves stay visible
     fig.suptitle(f"{title}: mean over seeds, ± 1 std shaded" + (", x: published" if any(
         r["published"] is not None for r in rows) else ""))
     fig.tight_layout()
