@@ -150,3 +150,4 @@ def test_run_refuses_a_size_the_teacher_cannot_take_in_one_line(tmp_path, digits
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "test_vit3 cannot take 32 x 32 inputs" in result.stderr
+    assert not (tmp_path / "imagenet-vitl-vits").exists()  # refused while building models: nothing written
