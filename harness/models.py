@@ -113,7 +113,8 @@ def check_checkpoint(path: str, model: nn.Module, num_classes: int, where: str) 
     # torch fills a missing BatchNorm step counter itself (state dicts from before it existed)
     missing = [k for k in expected if k not in shapes and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in shapes if k not in expected]
-    resized = [f"{k} {shapes[k]} (the model's: {expected[k]})" for k in expected if k in shapes and shapes[k] != expected[k]]
+    resized = [f"{k} {shapes[k]} (the model's: {expected[k]})"
+               for k in expected if k in shapes and shapes[k] != expected[k]]
     if missing or unexpected or resized:
         found = [f"{len(names)} {what}, e.g. {names[0]}" for what, names in
                  (("missing", missing), ("unexpected", unexpected), ("of another shape", resized)) if names]

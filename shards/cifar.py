@@ -11,8 +11,8 @@ numpy arrays, lists and strings.
 Splits: ``train`` (the official training set, 50,000 images) and ``val`` (the official test
 set, 10,000: the split the literature reports; named ``val`` because recipes point ``data.val``
 at it). Files are ``OUT/train/train-000000.tar`` ... and ``OUT/val/val-000000.tar`` ..., one
-folder per split (:mod:`shards.layout`); each sample is a lossless PNG (``.png``) and its label (``.cls``), keyed
-by its official index: ``train_00042`` is image 42 of the training set (CIFAR-10:
+folder per split (:mod:`shards.layout`); each sample is a lossless PNG (``.png``) and its label
+(``.cls``), keyed by its official index: ``train_00042`` is image 42 of the training set (CIFAR-10:
 ``data_batch_1`` holds 0-9,999, ``data_batch_2`` 10,000-19,999, ...), ``test_00042`` image 42
 of the test set. Samples stay in the official order, which is already a random permutation
 (the dataset's authors shuffled it), so consecutive shards mix every class; the training

@@ -53,8 +53,8 @@ def split_entry(split: str, lengths: Sequence[int], **extra) -> dict:
     skipped) travel in the same file.
     """
     lengths = [int(n) for n in lengths]
-    return {"name": split, "num_samples": sum(lengths), "filenames": [shard_file(split, i) for i in range(len(lengths))],
-            "shard_lengths": lengths, **extra}
+    return {"name": split, "num_samples": sum(lengths),
+            "filenames": [shard_file(split, i) for i in range(len(lengths))], "shard_lengths": lengths, **extra}
 
 
 @contextlib.contextmanager
