@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from harness.build import build_method
-from harness.engine import LocalEngine, Runtime, build_engine, deepspeed_config
+from harness.engine import LocalEngine, Runtime, build_engine
+from harness.zero import deepspeed_config
 from harness.optim import build_optimizer, set_lr, set_teachers_trainable
 from harness.recipe import Recipe
 
@@ -166,7 +167,7 @@ def test_compile_traces_the_step_and_matches_eager(monkeypatch):
 
 @pytest.mark.parametrize("stage, accum", [(1, 1), (2, 1), (2, 2), (3, 1)])
 def test_zero_steps_the_weight_partitions_in_place(stage, accum):
-    """No second fp32 copy of a rank's weight partition at ZeRO 1-3 (harness.engine._share_master_partitions).
+    """No second fp32 copy of a rank's weight partition at ZeRO 1-3 (harness.zero._share_master_partitions).
 
     The optimizer's master partitions are the weights' own storage, a step moves the module's
     weights exactly as the master moved, and it equals LocalEngine's step (ZeRO-0) on the same batch.

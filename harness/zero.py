@@ -1,0 +1,129 @@
+"""DeepSpeed's ZeRO engine (stages 1-3) as the harness builds it: its configuration and the patches.
+
+``harness.engine`` decides which engine a run gets; this module holds everything that depends on
+DeepSpeed's own code: the configuration that adds no per-step work, and the two patches that
+reach into DeepSpeed 0.19's ZeRO optimizer (one shared fp32 copy of the weight partition, no
+per-step relink). Those patches read private attributes, which is why the DeepSpeed version is
+pinned to the ones the tests ran on.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch.distributed as dist
+from torch import nn
+
+if TYPE_CHECKING:  # only for hints: harness.engine imports this module
+    from harness.engine import Runtime
+
+
+def initialize(model: nn.Module, optimizer, rt: "Runtime", micro_batch: int, grad_accum: int,
+               grad_clip: Optional[float]):
+    """DeepSpeed's engine over ``model`` for ZeRO stages 1-3, with the harness's patches applied."""
+    import deepspeed
+
+    trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    config = deepspeed_config(rt, micro_batch, grad_accum, grad_clip, trainable)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    _share_master_partitions(engine.optimizer)
+    _skip_per_step_relink(engine.optimizer)
+    return engine
+
+
+def _skip_per_step_relink(zero) -> None:
+    """Stages 1-2: stop DeepSpeed re-pointing every weight at the flat buffer after each step.
+
+    After each step DeepSpeed 0.19 sets ``param.data`` of every weight, twice, to the view of
+    the flat buffer it already is (``stage_1_and_2.py``: "TODO: we probably don't need this?
+    just to be safe"): about 6 host operations per parameter per step (620 of the 2,700 more
+    than a plain loop's, test_resnet -> test_resnet), which on a GPU is host time the step
+    can wait on. The buffer is only replaced when a checkpoint is loaded, and the load paths
+    re-point the weights themselves, so only the call inside ``step`` is dropped.
+    """
+    if not hasattr(zero, "_update_model_bit16_weights") or not hasattr(zero, "single_partition_of_fp32_groups"):
+        return
+    relink, step = zero._update_model_bit16_weights, zero.step
+
+    def step_without_relink(*args, **kwargs):
+        zero._update_model_bit16_weights = lambda group_index: None
+        try:
+            return step(*args, **kwargs)
+        finally:
+            zero._update_model_bit16_weights = relink
+
+    zero.step = step_without_relink
+
+
+def _share_master_partitions(zero) -> None:
+    """Drop DeepSpeed 0.19's second fp32 copy of each rank's weight partition (ZeRO 1-3).
+
+    With fp32 weights (fp32 runs, and bf16 under ``torch_autocast``) the optimizer's fp32
+    "master" partition holds the same values as the rank's partition of the weights, yet
+    DeepSpeed keeps it as a separate copy: stages 1-2 always clone it, stage 3 means to reuse
+    the weights (``_create_fp32_partitions``) but decides so by comparing a ``torch.device`` with
+    a device name ``str``, which is never equal. The copy costs a partition of fp32 memory per
+    rank (README, memory per rank) and, each step, a copy of the stepped values back into the
+    weights. Pointing each master tensor at its weight partition's storage makes the optimizer
+    step the weights in place (the same objects stay in the optimizer, its state keyed as
+    before; the copy back becomes a copy onto itself, which torch skips).
+    """
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # stage 3
+        pairs = zip(zero.fp32_partitioned_groups_flat or [], zero.fp16_partitioned_groups_flat or [])
+    elif hasattr(zero, "single_partition_of_fp32_groups"):  # stages 1-2
+        pairs = ((master, partitions[dist.get_rank(group=zero.real_dp_process_group[i])])
+                 for i, (master, partitions) in enumerate(zip(zero.single_partition_of_fp32_groups,
+                                                                 zero.parallel_partitioned_bit16_groups)))
+    else:
+        return
+    shared = False
+    for master, partition in pairs:
+        if (partition is not None and master is not partition and master.dtype == partition.dtype
+                and master.device == partition.device and master.shape == partition.shape
+                and master.data_ptr() != partition.data_ptr()):
+            master.data = partition.data
+            shared = True
+    if shared and hasattr(zero, "single_partition_of_fp32_groups"):
+        # stages 1-2 keep each weight's view of its fp32 fragment (``safe_get_full_fp32_param``
+        # and universal checkpoints read them): rebuild the views over the shared storage
+        zero._link_all_hp_params()
+
+
+def deepspeed_config(rt: "Runtime", micro_batch: int, grad_accum: int, grad_clip: Optional[float],
+                     trainable: int = 0) -> dict:
+    """DeepSpeed's configuration for stages 1-3, without per-step work nobody reads.
+
+    * ``timers.throughput``: on by default, and it synchronises the device at the start of
+      every forward and the end of every step, so the host can never run ahead of the GPU.
+    * ``compute_grad_norm`` (stages 1-2): the global gradient norm is computed every step and
+      checked for inf/NaN on the host (a sync); only gradient clipping needs it. Non-finite
+      steps are skipped by harness/guard.py without it.
+    * ``contiguous_gradients`` (stages 1-2): each gradient is copied into the reduction
+      bucket from its hook as it is produced, three host operations per parameter; without it
+      the bucket is flattened in one ``cat`` when it is reduced: the same bytes moved on the
+      device, 1,100 fewer host operations per step (test_resnet -> test_resnet; a plain loop
+      takes 1,560 in all), and no less memory held (``bench/zero_memory.py``).
+    * ``reduce_bucket_size``: DeepSpeed's default is 5e8 elements whatever the model (1.9 GiB
+      in fp32, held for the whole run at stage 3, more than all the model states of a
+      ResNet-sized run); a quarter of the ``trainable`` elements, from 1e7 up to that default,
+      keeps a few reductions per step without the dead weight.
+    """
+    zero: dict = {"stage": rt.zero_stage}
+    if trainable:
+        zero["reduce_bucket_size"] = int(min(5e8, max(trainable // 4, 1e7)))
+    if rt.zero_stage in (1, 2):
+        zero["contiguous_gradients"] = False
+        if not grad_clip:
+            zero["compute_grad_norm"] = False
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": grad_clip or 0.0,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
+    }
+    if rt.bf16:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return config
