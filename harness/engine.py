@@ -20,6 +20,7 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterable, Optional
 
 import torch
@@ -70,8 +71,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_runtime(precision: str, zero_stage: int, threads: Optional[int] = None) -> Runtime:
-    """Join (or, run directly with python, create) the process group and pick the device."""
+def init_runtime(precision: str, zero_stage: int, threads: Optional[int] = None,
+                 collective_timeout: Optional[float] = None) -> Runtime:
+    """Join (or, run directly with python, create) the process group and pick the device.
+
+    ``collective_timeout`` (seconds; None: torch's default, 30 min for gloo) bounds how long a
+    collective waits for a peer that died or stopped before it fails instead of hanging.
+    """
     _quiet_libraries()
     if threads:
         torch.set_num_threads(threads)
@@ -82,12 +88,13 @@ def init_runtime(precision: str, zero_stage: int, threads: Optional[int] = None)
 
     cuda = torch.cuda.is_available()
     # On a CPU-only host Accelerate counts one process unless it is told the backend.
-    state = PartialState(backend="nccl" if cuda else "gloo")
+    timeout = {"timeout": timedelta(seconds=collective_timeout)} if collective_timeout else {}
+    state = PartialState(backend="nccl" if cuda else "gloo", **timeout)
     import deepspeed
 
     # On CPU hosts DeepSpeed print()s "deepspeed_shm_comm_op built successfully" on every start.
     with contextlib.redirect_stdout(io.StringIO()):
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, **timeout)
     bf16 = precision == "bf16" or (precision == "auto" and cuda and torch.cuda.is_bf16_supported())
     if cuda:
         torch.backends.cudnn.benchmark = True

@@ -125,6 +125,8 @@ class Runtime(_Section):
     threads: Optional[int] = Field(None, gt=0, description="torch CPU threads per process; null: torch's default")
     compile: bool = Field(False, description="torch.compile the distiller's training forward (student, projectors, teachers); stages 0-2; the first steps are slow while it compiles")
     max_nonfinite_steps: int = Field(20, gt=0, description="optimizer steps in a row with a NaN/inf loss (each skipped, on every rank) before the run stops, naming the last good checkpoint; checked every `signal_check_every` steps")
+    collective_timeout: float = Field(900, gt=0, description="seconds a collective (all-reduce, barrier) may wait for its peers before it fails (torch's default: 30 min for gloo); keep it above `progress_timeout`, which names the ranks that stopped")
+    progress_timeout: Optional[float] = Field(600, gt=0, description="seconds without a completed step, evaluation batch or checkpoint after which every rank prints its stacks and exits non-zero, naming the ranks that stopped answering (slurm/train.sbatch then restarts the job); longer than the slowest step or save; null: no watchdog")
 
 
 class Recipe(_Section):

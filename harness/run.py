@@ -32,6 +32,8 @@ from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
 from harness.models import ModelError
 from harness.optim import LRSchedule, bias_optimizer, build_optimizer, peak_lr, set_lr, set_teachers_trainable
 from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
+from harness.restarts import exception_cause, record_failure
+from harness.watchdog import Watchdog
 
 USER_ERRORS = (RecipeError, ModelError, DataError, checkpoint.CheckpointError, NonFiniteLoss)
 
@@ -87,19 +89,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         resume_from = preflight(recipe, args)
     except USER_ERRORS as e:
+        # recorded where the output folder exists (slurm/train.sbatch makes it): a refusal recurs, so it is not retried
+        record_failure(recipe.output, int(os.environ.get("RANK", "0")), exception_cause(e), None, str(e))
         return refused(f"{args.recipe}: {e}")
     # `kill -USR2 <pid>` prints every thread's Python stack to stderr: where a stuck rank waits.
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     # Handlers first: a warning signal that arrives during start-up must not kill the process.
     signals = StopSignals(Path(recipe.output), clear=os.environ.get("RANK", "0") == "0")
-    rt = init_runtime(recipe.runtime.precision, recipe.runtime.zero_stage, recipe.runtime.threads)
+    rr = recipe.runtime
+    rt = init_runtime(rr.precision, rr.zero_stage, rr.threads, rr.collective_timeout)
+    watchdog = Watchdog(rr.progress_timeout, rt.rank, rt.world_size, recipe.output)
     try:
-        train(recipe, args, rt, signals, resume_from)
+        train(recipe, args, rt, signals, resume_from, watchdog)
         return 0  # finished, or stopped on request with a checkpoint: both are clean exits
     except USER_ERRORS as e:
+        record_failure(recipe.output, rt.rank, exception_cause(e), watchdog.step, str(e))
         if rt.is_main:
             print(f"error: {args.recipe}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a crash: recorded for the restart decision (harness/restarts.py), then raised as ever
+        record_failure(recipe.output, rt.rank, exception_cause(e), watchdog.step, repr(e))
+        raise
     finally:
         shutdown()
 
@@ -145,17 +155,33 @@ def preflight(recipe: Recipe, args: argparse.Namespace) -> Optional[Path]:
     return resume_from
 
 
-def evaluate_split(models: dict, val_loader, rt: Runtime, image_size: int) -> dict[str, dict[str, float]]:
-    """:func:`evaluate` over the validation loader, refused unless it saw the whole split it was given."""
-    results = evaluate(models, val_loader.epoch(0), rt, image_size)
+def evaluate_split(models: dict, val_loader, rt: Runtime, image_size: int,
+                   watchdog: Optional[Watchdog] = None) -> dict[str, dict[str, float]]:
+    """:func:`evaluate` over the validation loader, refused unless it saw the whole split it was given.
+
+    Each batch counts as progress for the ``watchdog``: an evaluation longer than
+    ``runtime.progress_timeout`` is not a hang.
+    """
+    batches = val_loader.epoch(0)
+    if watchdog is not None:
+        batches = _beating(batches, watchdog)
+    results = evaluate(models, batches, rt, image_size)
     if results:  # the count is summed over ranks: every rank decides alike
         val_loader.shards.check_evaluated(next(iter(results.values()))["samples"])
     return results
 
 
+def _beating(batches, watchdog: Watchdog):
+    """The batches of ``batches``, reporting progress to ``watchdog`` as each arrives."""
+    for batch in batches:
+        watchdog.beat()
+        yield batch
+
+
 def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopSignals",
-          resume_from: Optional[Path] = None) -> dict[str, Any]:
+          resume_from: Optional[Path] = None, watchdog: Optional[Watchdog] = None) -> dict[str, Any]:
     wall_start = time.time()
+    watchdog = watchdog or Watchdog(None, rt.rank, rt.world_size, recipe.output)
     out = Path(recipe.output)
     m, d, rr = recipe.method, recipe.data, recipe.runtime
 
@@ -180,10 +206,13 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
     # --- state: fresh or resumed
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from, bias_opt)
+        watchdog.beat(state["step"])  # armed from here: every later stretch without progress is a hang
         state.pop("stopped_by", None)
         log.write("resume", checkpoint=str(resume_from), epoch=state["epoch"], step=state["step"])
     else:
-        loaded = evaluate_split({k: v for k, v in eval_models.items() if k != "student"}, val_loader, rt, d.image_size)
+        watchdog.beat(0)
+        loaded = evaluate_split({k: v for k, v in eval_models.items() if k != "student"}, val_loader, rt, d.image_size,
+                                watchdog)
         state = {"epoch": 0, "step": 0, "position": None, "adapting": False, "teachers_loaded": loaded,
                  "best_top1": 0.0, "last_eval": None}
         if loaded:
@@ -201,7 +230,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
                          f"costs step time ({'up to 3-4x' if rr.zero_stage == 3 else 'a few %'}, README 'Step overhead'): "
                          f"`runtime.zero_stage: 0` is the fast path on one device")
     loop = Loop(engine, distiller, inner, bias_opt, train_loader, schedule, lr0, recipe, rt, log, progress, out,
-                steps_per_epoch, args.stop_after_steps, signals)
+                steps_per_epoch, args.stop_after_steps, signals, watchdog)
     epochs_run = 0
     for epoch in range(state["epoch"], recipe.schedule.epochs):
         if m.name == "atsc" and epoch >= m.adapt_after and not state["adapting"]:
@@ -220,7 +249,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
         last = epoch + 1 == recipe.schedule.epochs
         if last or (epoch + 1) % rr.eval_every == 0:
             broadcast_buffers(distiller)
-            results = evaluate_split(eval_models, val_loader, rt, d.image_size)
+            results = evaluate_split(eval_models, val_loader, rt, d.image_size, watchdog)
             state["last_eval"] = results
             if results["student"]["top1"] > state["best_top1"]:
                 state["best_top1"], state["best_tag"] = results["student"]["top1"], f"epoch{epoch + 1:04d}"
@@ -235,7 +264,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
 
     # --- final evaluation, export, summary
     broadcast_buffers(distiller)
-    results = state["last_eval"] or evaluate_split(eval_models, val_loader, rt, d.image_size)
+    results = state["last_eval"] or evaluate_split(eval_models, val_loader, rt, d.image_size, watchdog)
     student_state = full_state_dict(distiller.deployed(), rr.zero_stage)
     summary = {
         "recipe": recipe.name, "method": m.name, "world_size": rt.world_size,
@@ -256,12 +285,12 @@ class Loop:
 
     def __init__(self, engine, distiller, inner, bias_opt, loader, schedule: LRSchedule, lr0: float, recipe: Recipe,
                  rt: Runtime, log: MetricsLog, progress: Progress, out: Path, steps_per_epoch: int,
-                 stop_after_steps: Optional[int], signals: StopSignals):
+                 stop_after_steps: Optional[int], signals: StopSignals, watchdog: Watchdog):
         self.engine, self.distiller, self.inner, self.bias_opt = engine, distiller, inner, bias_opt
         self.loader, self.schedule, self.lr0, self.recipe, self.rt = loader, schedule, lr0, recipe, rt
         self.log, self.progress, self.out = log, progress, out
         self.steps_per_epoch, self.stop_at = steps_per_epoch, None
-        self.stop_after_steps, self.signals = stop_after_steps, signals
+        self.stop_after_steps, self.signals, self.watchdog = stop_after_steps, signals, watchdog
         self.images_per_s = math.nan
         self.guard = NonFiniteGuard(distiller, [inner] + ([bias_opt] if bias_opt is not None else []), rt.device)
         self.skipped_seen = 0  # the guard's count already added to the run's state
@@ -269,7 +298,9 @@ class Loop:
     def save(self, state: dict, tag: str) -> None:
         if self.bias_opt is not None:
             state["bias_optimizer"] = self.bias_opt.state_dict()
+        self.watchdog.beat()  # a save's time is its own: the step before it does not count against it
         checkpoint.save(self.engine, self.out, tag, state, keep=self.recipe.runtime.keep_checkpoints)
+        self.watchdog.beat()
 
     def train_epoch(self, epoch: int, state: dict) -> bool:
         """Train one epoch (or its rest, after a mid-epoch resume); False if asked to stop early."""
@@ -319,6 +350,7 @@ class Loop:
                 continue
             self.guard.stepped()
             state["step"] += 1
+            self.watchdog.beat(state["step"])
             if state["step"] % rr.log_every == 0:
                 now = time.perf_counter()
                 totals = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
