@@ -14,7 +14,6 @@ statistics and losses): its ``bf16`` mode casts whole modules, BatchNorm include
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import socket
@@ -90,11 +89,7 @@ def init_runtime(precision: str, zero_stage: int, threads: Optional[int] = None,
     # On a CPU-only host Accelerate counts one process unless it is told the backend.
     timeout = {"timeout": timedelta(seconds=collective_timeout)} if collective_timeout else {}
     state = PartialState(backend="nccl" if cuda else "gloo", **timeout)
-    import deepspeed
-
-    # On CPU hosts DeepSpeed print()s "deepspeed_shm_comm_op built successfully" on every start.
-    with contextlib.redirect_stdout(io.StringIO()):
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, **timeout)
+    zero.init_distributed("nccl" if cuda else "gloo", **timeout)  # compiles nothing (see there)
     bf16 = precision == "bf16" or (precision == "auto" and cuda and torch.cuda.is_bf16_supported())
     if cuda:
         torch.backends.cudnn.benchmark = True

@@ -127,3 +127,31 @@ def deepspeed_config(rt: "Runtime", micro_batch: int, grad_accum: int, grad_clip
     if rt.bf16:
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return config
+
+
+def init_distributed(backend: str, **kwargs) -> None:
+    """DeepSpeed's communication layer over the process group Accelerate made, compiling nothing.
+
+    On CPU hosts DeepSpeed's ``TorchBackend`` (``deepspeed/comm/torch.py``) builds its
+    ``deepspeed_shm_comm`` C++ op when it is created: a JIT build with the host's compiler (about
+    50 s) into ``~/.cache/torch_extensions``, which is shared by every environment and keyed by
+    the op's name only, so two checkouts rebuild it in turn. The op serves only
+    ``inference_all_reduce`` (DeepSpeed's tensor-parallel inference layers); training's
+    collectives, DeepSpeed's included, go through torch.distributed's gloo group. So it is not
+    built: ``build_shm_op`` answers None while the backend is created, DeepSpeed's own answer
+    where the op is unavailable (other platforms), and ``inference_all_reduce`` would fall
+    back to torch.distributed. ``kwargs`` go to ``deepspeed.init_distributed`` (e.g. ``timeout``).
+    """
+    import importlib
+
+    import deepspeed
+
+    # by name: the attribute deepspeed.comm.torch is torch itself (a star import shadows the module)
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    build = getattr(ds_torch, "build_shm_op", None)
+    ds_torch.build_shm_op = lambda: None
+    try:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
+    finally:
+        if build is not None:
+            ds_torch.build_shm_op = build

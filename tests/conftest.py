@@ -36,11 +36,12 @@ def launch_command(args: list[str], processes: int = 1, machines: int = 1, machi
 
 
 def launch(args: list[str], cwd: Path, processes: int = 1, timeout: int = 600,
-           file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+           file_size_limit: int | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run harness/run.py under `accelerate launch` with N CPU processes on this host.
 
     ``file_size_limit`` (bytes) makes writing any larger file fail with EFBIG, as a full disk
     would (Python ignores SIGXFSZ, so the write raises instead of killing the process).
+    ``env`` adds or replaces environment variables of the launch.
     """
     cmd = launch_command(args, processes)
 
@@ -49,8 +50,8 @@ def launch(args: list[str], cwd: Path, processes: int = 1, timeout: int = 600,
 
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    result = subprocess.run(cmd, cwd=cwd, env=LAUNCH_ENV, capture_output=True, text=True, timeout=timeout,
-                            preexec_fn=limit_files if file_size_limit else None)
+    result = subprocess.run(cmd, cwd=cwd, env={**LAUNCH_ENV, **(env or {})}, capture_output=True, text=True,
+                            timeout=timeout, preexec_fn=limit_files if file_size_limit else None)
     if result.returncode != 0:
         print(result.stdout[-4000:], result.stderr[-8000:], sep="\n")
     return result
