@@ -91,6 +91,22 @@ def run_nodes(commands: list[list[str]], logs: list[Path], cwd: Path, marker: st
     return [n.returncode for n in nodes]
 
 
+def rank_pids(marker: str) -> dict[int, int]:
+    """Training processes (torchrun's workers: they have LOCAL_RANK) whose command line holds ``marker``: rank -> pid."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if marker not in cmdline or "harness/run.py" not in cmdline:
+                continue
+            env = dict(v.split("=", 1) for v in (proc / "environ").read_bytes().decode().split("\0") if "=" in v)
+        except (OSError, ValueError):  # gone meanwhile, or not a process directory
+            continue
+        if "LOCAL_RANK" in env:
+            found[int(env["RANK"])] = int(proc.name)
+    return found
+
+
 def _free_port() -> int:
     import socket
 
@@ -116,6 +132,11 @@ def tiny_recipe(tmp: Path, digits: Path, name: str, **sections) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    """The records of one kind in a run's metrics.jsonl."""
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 def summary(run_dir: Path) -> dict:

@@ -1,14 +1,9 @@
 """Faults a long job meets: a diverging loss, a disk that fills up. Each must stop cleanly and
 leave a checkpoint to continue from, with a message that names it."""
-import json
 from pathlib import Path
 
-from conftest import launch, summary, tiny_recipe
+from conftest import launch, records, summary, tiny_recipe
 from harness import checkpoint
-
-
-def records(run: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 def test_a_diverging_run_skips_nan_steps_then_stops_naming_the_last_good_checkpoint(work, digits):

@@ -1,7 +1,9 @@
 """Real SLURM (a one-node cluster started by slurm/local-cluster.sh, which .ci/run calls):
 a job warned of its end checkpoints, requeues itself, resumes and ends as an uninterrupted run."""
 import json
+import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch, tiny_recipe
+from conftest import ROOT, launch, rank_pids, records, tiny_recipe
 
 
 def _cluster_up() -> bool:
@@ -50,10 +52,12 @@ def trained_steps(run: Path) -> int:
     return sum(1 for line in metrics.read_text().splitlines() if json.loads(line)["kind"] == "train")
 
 
-def submit(recipe: Path, *overrides: str) -> str:
+def submit(recipe: Path, *overrides: str, export: str = "ALL") -> str:
+    """sbatch slurm/train.sbatch RECIPE --set ...; ``export`` is sbatch's --export (e.g. "ALL,PROCS_PER_NODE=2")."""
     args = [a for o in overrides for a in ("--set", o)]
-    return subprocess.run(["sbatch", "--parsable", f"--chdir={ROOT}", str(ROOT / "slurm" / "train.sbatch"), str(recipe),
-                           *args], capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    return subprocess.run(["sbatch", "--parsable", f"--chdir={ROOT}", f"--export={export}",
+                           str(ROOT / "slurm" / "train.sbatch"), str(recipe), *args],
+                          capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
 
 
 def atsc(work, digits, teacher, name):
@@ -117,3 +121,32 @@ def test_a_table_runs_as_array_jobs_and_a_second_submission_reuses_every_run(wor
     again = subprocess.run(driver, capture_output=True, text=True, cwd=ROOT)  # locally this time: nothing to train
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("reusing the finished run") == 5 and "training" not in again.stdout.split("runs (")[1]
+
+
+def test_a_rank_killed_mid_epoch_restarts_the_job_which_resumes_and_matches_an_uninterrupted_run(work, digits):
+    """Two ranks, mid-epoch checkpoints every 4 steps; SIGKILL rank 1 in the second epoch."""
+    recipe = tiny_recipe(work, digits, "slurm-killed", schedule={"epochs": 3},
+                         runtime={"log_every": 2, "checkpoint_steps": 4, "signal_check_every": 2})
+    run = work / "slurm-killed"
+    job = submit(recipe, export="ALL,PROCS_PER_NODE=2")
+    wait_for(lambda: any((run / "checkpoints").glob("epoch0001-step*")), 300, "a mid-epoch checkpoint in epoch 2")
+    ranks = rank_pids(str(run))
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGKILL)  # as the OOM killer would
+    killed_at = time.time()
+    wait_for(lambda: job_field(job, "JobState") == "COMPLETED" and (run / "summary.json").exists(), 600,
+             "the restarted job")
+    log = (ROOT / "logs" / f"atsc-{job}.out").read_text()
+    assert "restart 1/3 of job" in log and "(restart 1)" in log, log[-3000:]
+    restart, = records(run, "restart")
+    assert restart["job"] == job and restart["restart"] == 1 and restart["cause"]
+    resumed = [r for r in records(run, "resume") if r["time"] > killed_at]
+    assert resumed and resumed[0]["epoch"] == 1 and resumed[0]["step"] > 22  # a mid-epoch checkpoint
+    lost = max(r["step"] for r in records(run, "train") if r["time"] < killed_at) - resumed[0]["step"]
+    print(f"restart cause: {restart['cause']}; back {resumed[0]['time'] - killed_at:.0f} s after the kill, "
+          f"{lost} logged step(s) redone")
+    reference = launch([str(recipe), "--set", f"output={work / 'slurm-killed-reference'}"], cwd=work, processes=2)
+    assert reference.returncode == 0
+    restarted, straight = (load_file(str(p / "student.safetensors")) for p in (run, work / "slurm-killed-reference"))
+    for key in straight:
+        assert torch.allclose(restarted[key], straight[key], atol=1e-6), key

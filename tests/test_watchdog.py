@@ -7,23 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import LAUNCH_ENV, launch_command, tiny_recipe
-
-
-def rank_pids(marker: str) -> dict[int, int]:
-    """Training processes (torchrun's workers: they have LOCAL_RANK) whose command line holds ``marker``: rank -> pid."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if marker not in cmdline or "harness/run.py" not in cmdline:
-                continue
-            env = dict(v.split("=", 1) for v in (proc / "environ").read_bytes().decode().split("\0") if "=" in v)
-        except (OSError, ValueError):  # gone meanwhile, or not a process directory
-            continue
-        if "LOCAL_RANK" in env:
-            found[int(env["RANK"])] = int(proc.name)
-    return found
+from conftest import LAUNCH_ENV, launch_command, rank_pids, tiny_recipe
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
