@@ -34,8 +34,9 @@ from harness.optim import LRSchedule, bias_optimizer, build_optimizer, peak_lr, 
 from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
 from harness.restarts import exception_cause, record_failure
 from harness.watchdog import Watchdog
+from harness.zero import DeepSpeedVersionError, check_version
 
-USER_ERRORS = (RecipeError, ModelError, DataError, checkpoint.CheckpointError, NonFiniteLoss)
+USER_ERRORS = (RecipeError, ModelError, DataError, checkpoint.CheckpointError, NonFiniteLoss, DeepSpeedVersionError)
 
 class StopSignals:
     """Stop requests, which the ranks agree on every few steps.
@@ -143,8 +144,9 @@ def preflight(recipe: Recipe, args: argparse.Namespace) -> Optional[Path]:
     size), the shards (each key one split, sizes, a full step per rank) and the models
     (known names, checkpoints that fit: a teacher's classifier for ``data.num_classes``).
     Every rank runs it on the same files, so all refuse alike. Returns the checkpoint to
-    resume from, if any.
+    resume from, if any. First of all, the installed DeepSpeed must be one the engine was tested on.
     """
+    check_version()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher; none: a world of one
     resume_from = resume_point(recipe, args.resume)
     if resume_from is not None:

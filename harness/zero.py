@@ -16,6 +16,38 @@ from torch import nn
 if TYPE_CHECKING:  # only for hints: harness.engine imports this module
     from harness.engine import Runtime
 
+# The DeepSpeed versions the patches below were tested on (tests/test_engine.py passed under each).
+# pyproject.toml allows exactly these and constraints.txt installs one of them; adding a version
+# here means running the tests under it first.
+SUPPORTED_DEEPSPEED = ("0.19.8",)
+
+
+class DeepSpeedVersionError(RuntimeError):
+    """The installed DeepSpeed is not one the harness's patches were tested on."""
+
+
+def check_version() -> None:
+    """Refuse a DeepSpeed version the patches were not tested on, before anything starts.
+
+    ``_share_master_partitions`` and ``_skip_per_step_relink`` read and replace private
+    attributes of DeepSpeed's ZeRO optimizer. Under another version they may find nothing to
+    patch (more memory, slower steps) or patch something that now means another thing (a run
+    that trains differently without a word), so an untested version stops the run instead.
+    Reads the package metadata only: DeepSpeed is not imported.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("deepspeed")
+    except PackageNotFoundError:
+        installed = None
+    if installed not in SUPPORTED_DEEPSPEED:
+        raise DeepSpeedVersionError(
+            f"DeepSpeed {installed or '(not installed)'} is installed, but this harness is tested only with DeepSpeed "
+            f"{', '.join(SUPPORTED_DEEPSPEED)} (harness/zero.py patches its ZeRO optimizer's internals, which another "
+            f"version can change). Install a tested one: `pip install -c constraints.txt "
+            f"deepspeed=={SUPPORTED_DEEPSPEED[-1]}` (or `make install`, which uses constraints.txt)")
+
 
 def initialize(model: nn.Module, optimizer, rt: "Runtime", micro_batch: int, grad_accum: int,
                grad_clip: Optional[float]):
@@ -144,6 +176,7 @@ def init_distributed(backend: str, **kwargs) -> None:
     """
     import importlib
 
+    check_version()  # every entry point (run.py refuses earlier, in its preflight)
     import deepspeed
 
     # by name: the attribute deepspeed.comm.torch is torch itself (a star import shadows the module)

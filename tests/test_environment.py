@@ -1,8 +1,13 @@
-"""The environment a run needs: nothing compiled at start-up."""
+"""The environment a run needs: the DeepSpeed version it was tested on, and nothing compiled at start-up."""
+import importlib.metadata
 import os
+import re
+import tomllib
 from pathlib import Path
 
-from conftest import launch, tiny_recipe
+from conftest import ROOT, launch, tiny_recipe
+
+from harness import run, zero
 
 COMPILERS = ("cc", "gcc", "g++", "c++", "x86_64-linux-gnu-gcc", "x86_64-linux-gnu-g++", "clang", "clang++", "ninja")
 
@@ -28,3 +33,24 @@ def test_a_zero2_run_on_cpu_compiles_nothing(work, digits, tmp_path):
     assert not calls.exists(), calls.read_text()
     assert list(extensions.iterdir()) == []
     assert (Path(work) / "no-compile" / "summary.json").is_file()
+
+
+def test_an_untested_deepspeed_is_refused_before_anything_starts(work, digits, monkeypatch, capsys):
+    recipe = tiny_recipe(work, digits, "untested-deepspeed")
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.20.0" if name == "deepspeed" else real(name))
+    assert run.main([str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "DeepSpeed 0.20.0 is installed" in err and "0.19.8" in err and "constraints.txt" in err
+    assert "Traceback" not in err and not (work / "untested-deepspeed").exists()
+
+
+def test_the_package_metadata_and_constraints_pin_the_tested_deepspeed():
+    """pyproject.toml allows exactly harness.zero.SUPPORTED_DEEPSPEED; constraints.txt is what is installed."""
+    requirements = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (deepspeed,) = [r for r in requirements if re.match(r"deepspeed\b", r)]
+    assert set(re.findall(r"==\s*([\w.]+)", deepspeed)) == set(zero.SUPPORTED_DEEPSPEED), deepspeed
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().split("\n")
+                if line and not line.startswith("#"))
+    assert pins["deepspeed"] in zero.SUPPORTED_DEEPSPEED
+    assert {name: importlib.metadata.version(name) for name in pins} == pins
