@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from harness import manifest
 from harness.engine import all_reduce
 
 
@@ -43,20 +45,19 @@ def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int 
     """Save under ``tag``, atomically; every rank must call it (each writes its ZeRO partitions).
 
     The checkpoint is written as ``<tag>.partial`` and published, by a rename and the
-    ``latest`` pointer, only once every rank has written its part. A crash or a kill during the
-    save leaves the previous checkpoint as ``latest``. Then all but the newest ``keep``
-    checkpoints and the best (``state['best_tag']``) are removed.
+    ``latest`` pointer, only once every rank has written its part and rank 0 has recorded
+    every file's size and checksum in its manifest (``harness.manifest``, verified on resume).
+    A crash or a kill during the save leaves the previous checkpoint as ``latest``. Then all
+    but the newest ``keep`` checkpoints and the best (``state['best_tag']``) are removed.
     """
     root = checkpoint_dir(output)
     partial = f"{tag}.partial"
-    error: Optional[BaseException] = None
-    try:
-        engine.save_checkpoint(str(root), tag=partial, client_state={"harness": state}, save_latest=False)
-    except (OSError, RuntimeError) as e:  # disk full, permissions, quota
-        error = e
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if error is not None:
-        error = _explain(error, root)
+    error = _attempt(lambda: engine.save_checkpoint(str(root), tag=partial, client_state={"harness": state},
+                                                    save_latest=False), root)
+    # every rank calls _agree twice: the second also carries the manifest's fate on rank 0
+    if _agree(error is None, engine.device) and rank == 0:
+        error = _attempt(lambda: manifest.write(root / partial), root)  # every rank's files are complete now
     if not _agree(error is None, engine.device):
         previous = latest(output)
         if rank == 0:
@@ -73,6 +74,15 @@ def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int 
     if dist.is_initialized():
         dist.barrier()
     return root / tag
+
+
+def _attempt(action: Callable[[], None], root: Path) -> Optional[str]:
+    """Run one step of a save; the cause in words if it failed (disk full, permissions, quota), else None."""
+    try:
+        action()
+    except (OSError, RuntimeError) as e:
+        return _explain(e, root)
+    return None
 
 
 def _explain(error: BaseException, root: Path) -> str:
@@ -106,6 +116,59 @@ def latest(output: str | Path) -> Optional[Path]:
         if candidate.is_dir():
             return candidate
     return None
+
+
+def _note_once(text: str) -> None:
+    """Print to stderr from rank 0 only (before the process group exists: every rank decides alike)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr)
+
+
+def newest_intact(output: str | Path, note: Callable[[str], None] = _note_once) -> Optional[Path]:
+    """The checkpoint to resume from: the newest whose files match its manifest, or None if none was saved.
+
+    Candidates are the one ``latest`` names and the older ones (tags sort chronologically; the
+    pointer rules out newer tags a run resumed from further back left behind), newest first.
+    Each damaged one is ``note``d with its bad files, and so is the fallback. A checkpoint
+    written before manifests existed is accepted, with a note. Raises ``CheckpointError`` if
+    checkpoints exist but none is intact. Every rank calls it on the same files and decides alike.
+    """
+    root = checkpoint_dir(output)
+    if not root.is_dir():
+        return None
+    tags = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith(".partial")), reverse=True)
+    pointed = latest(output)
+    if pointed is not None:
+        tags = [t for t in tags if t <= pointed.name]
+    damaged: dict[str, str] = {}  # tag -> what is wrong with it
+    for tag in tags:
+        problems = manifest.verify(root / tag)
+        if problems:
+            damaged[tag] = "; ".join(problems)
+            continue
+        for bad, what in damaged.items():  # said only now: if none is intact, the error below says it all once
+            note(f"warning: checkpoint {root / bad} is damaged ({what}); not resuming from it")
+        if problems is None:
+            note(f"note: checkpoint {root / tag} has no {manifest.NAME} (written by an older version): "
+                 f"resuming from it unverified")
+        if damaged:
+            note(f"resuming from {root / tag}, the newest intact checkpoint")
+        return root / tag
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint under {root} to resume from "
+                              f"({'; '.join(f'{bad}: {what}' for bad, what in damaged.items())}). Restore "
+                              f"the damaged files from a copy, or start afresh in another directory with "
+                              f"--set output=...")
+    return None
+
+
+def verified(path: Path) -> Path:
+    """``path`` if its files match its manifest (or it has none); a ``CheckpointError`` naming the bad files if not."""
+    problems = manifest.verify(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged ({'; '.join(problems)}); resume from another one, "
+                              f"or with --resume alone from the newest intact one")
+    return path
 
 
 def check_world_size(path: Path, world_size: int) -> None:

@@ -122,12 +122,12 @@ def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[Path]:
             raise RecipeError(f"`output` {recipe.output} already holds a run (checkpoint {found.name}); pass "
                               f"--resume to continue it, or choose another directory with --set output=...")
         return None
-    if resume == "latest":
-        return found  # nothing saved yet: start from the beginning
+    if resume == "latest":  # verified against its manifest; a damaged one falls back to an older one
+        return checkpoint.newest_intact(recipe.output)  # nothing saved yet: None, start from the beginning
     path = Path(resume)
     if not path.is_dir():
         raise RecipeError(f"--resume {resume}: no such checkpoint directory")
-    return path
+    return checkpoint.verified(path)
 
 
 def refused(message: str) -> int:

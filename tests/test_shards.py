@@ -508,3 +508,19 @@ def test_a_flat_directory_is_refused_with_the_fix_and_moved_by_renames(fake, wri
     assert write(fake.folder, again) == 0
     assert {p.name: p.stat().st_mtime_ns for p in again.rglob("*.tar")} == before
     assert shard_files(again).keys() == shard_files(written).keys()
+
+
+def test_untouched_jpegs_are_checked_by_header_and_end_marker_or_decoded_on_request(fake):
+    """Without a decode (the fast default), a JPEG header followed by garbage and a file cut short are
+    still refused: neither ends with an end-of-image marker. `--decode-check` decodes them as well."""
+    from shards.write import Encoding, Undecodable, encode_image
+
+    good = fake.data_of[f"{WNIDS[0]}_1"]
+    quick, decoded = Encoding(None, 90), Encoding(None, 90, decode_check=True)
+    assert encode_image(good, quick) == good == encode_image(good, decoded)
+    assert encode_image(good + b"\x00" * 100, quick)  # bytes after the end marker are common: kept
+    header_then_garbage = good[:600] + bytes(range(0xd9)) * 8
+    for broken in (header_then_garbage, good[: len(good) // 2]):
+        for encoding in (quick, decoded):
+            with pytest.raises(Undecodable):
+                encode_image(broken, encoding)
