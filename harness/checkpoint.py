@@ -97,9 +97,14 @@ def _explain(error: BaseException, root: Path) -> str:
     return text
 
 
+def published(root: Path) -> list[str]:
+    """The tags of the published checkpoints under ``root``, oldest first (tags sort chronologically)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith(".partial"))
+
+
 def prune(root: Path, keep: int, best: Optional[str]) -> None:
-    """Remove published checkpoints beyond the newest ``keep`` (tags sort chronologically), and partials."""
-    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith(".partial"))
+    """Remove published checkpoints beyond the newest ``keep``, and partials."""
+    tags = published(root)
     for tag in tags[:-keep] if keep > 0 else []:
         if tag != best:
             shutil.rmtree(root / tag, ignore_errors=True)
@@ -136,7 +141,7 @@ def newest_intact(output: str | Path, note: Callable[[str], None] = _note_once) 
     root = checkpoint_dir(output)
     if not root.is_dir():
         return None
-    tags = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith(".partial")), reverse=True)
+    tags = published(root)[::-1]
     pointed = latest(output)
     if pointed is not None:
         tags = [t for t in tags if t <= pointed.name]
