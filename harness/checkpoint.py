@@ -135,8 +135,9 @@ def newest_intact(output: str | Path, note: Callable[[str], None] = _note_once) 
     Candidates are the one ``latest`` names and the older ones (tags sort chronologically; the
     pointer rules out newer tags a run resumed from further back left behind), newest first.
     Each damaged one is ``note``d with its bad files, and so is the fallback. A checkpoint
-    written before manifests existed is accepted, with a note. Raises ``CheckpointError`` if
-    checkpoints exist but none is intact. Every rank calls it on the same files and decides alike.
+    written before manifests existed is accepted (``load`` notes it: a refusal that follows
+    stays one line). Raises ``CheckpointError`` if checkpoints exist but none is intact. Every
+    rank calls it on the same files and decides alike.
     """
     root = checkpoint_dir(output)
     if not root.is_dir():
@@ -153,9 +154,6 @@ def newest_intact(output: str | Path, note: Callable[[str], None] = _note_once) 
             continue
         for bad, what in damaged.items():  # said only now: if none is intact, the error below says it all once
             note(f"warning: checkpoint {root / bad} is damaged ({what}); not resuming from it")
-        if problems is None:
-            note(f"note: checkpoint {root / tag} has no {manifest.NAME} (written by an older version): "
-                 f"resuming from it unverified")
         if damaged:
             note(f"resuming from {root / tag}, the newest intact checkpoint")
         return root / tag
@@ -189,6 +187,9 @@ def load(engine, path: str | Path, bias_opt: Optional[torch.optim.Optimizer] = N
     """Restore engine weights and optimizer from ``path``; return the run state saved with them."""
     path = Path(path)
     check_world_size(path, dist.get_world_size() if dist.is_initialized() else 1)
+    if not (path / manifest.NAME).is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"note: checkpoint {path} has no {manifest.NAME} (written by an older version): resuming from it "
+              f"unverified", file=sys.stderr)
     loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                             load_lr_scheduler_states=False)
     if loaded is None:
