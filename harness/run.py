@@ -32,6 +32,7 @@ from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
 from harness.models import ModelError
 from harness.optim import LRSchedule, bias_optimizer, build_optimizer, peak_lr, set_lr, set_teachers_trainable
 from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
+from harness.resources import cores_warning
 from harness.restarts import exception_cause, record_failure
 from harness.watchdog import Watchdog
 from harness.zero import DeepSpeedVersionError, check_version
@@ -100,6 +101,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     rr = recipe.runtime
     rt = init_runtime(rr.precision, rr.zero_stage, rr.threads, rr.collective_timeout)
     watchdog = Watchdog(rr.progress_timeout, rt.rank, rt.world_size, recipe.output)
+    if rt.local_rank == 0:  # one line per node: its ranks share the cores the scheduler granted
+        starved = cores_warning(recipe.data.workers, rt.rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if starved:
+            print(starved, file=sys.stderr, flush=True)
     try:
         train(recipe, args, rt, signals, resume_from, watchdog)
         return 0  # finished, or stopped on request with a checkpoint: both are clean exits

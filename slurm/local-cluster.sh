@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Start a one-node SLURM cluster on this host (root, Debian's slurm-wlm and munge), for the
-# tests: a minimal slurm.conf naming this host, munge, slurmctld and slurmd. Idempotent.
+# tests: a minimal slurm.conf naming this host, munge, slurmctld and slurmd. Idempotent; a
+# changed slurm.conf is applied to running daemons (slurmd restarts: running jobs keep going).
+# Steps are confined to their cores (task/affinity), as on production clusters, so a job that
+# asks SLURM for too few cores shows it here too.
 set -euo pipefail
 if ! command -v slurmctld >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null
@@ -9,12 +12,13 @@ HOST=$(hostname -s)
 CPUS=$(nproc)
 MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
+OLD_CONF=$(cat /etc/slurm/slurm.conf 2>/dev/null || true)
 cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=local
 SlurmctldHost=$HOST
 AuthType=auth/munge
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
@@ -39,6 +43,15 @@ fi
 chown -R munge:munge /etc/munge /run/munge 2>/dev/null || true
 chmod 400 /etc/munge/munge.key
 pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
+if [ "$OLD_CONF" != "$(cat /etc/slurm/slurm.conf)" ] && pgrep -x slurmctld >/dev/null; then
+  # TaskPlugin and node definitions are read by slurmd only when it starts
+  scontrol reconfigure || true
+  if [ -f /run/slurmd.pid ]; then
+    pid=$(cat /run/slurmd.pid)
+    # slurmd may take a while to shut down (it finishes its RPCs); start the new one after it
+    kill "$pid" 2>/dev/null && for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  fi
+fi
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd
 for _ in $(seq 30); do

@@ -52,10 +52,10 @@ def trained_steps(run: Path) -> int:
     return sum(1 for line in metrics.read_text().splitlines() if json.loads(line)["kind"] == "train")
 
 
-def submit(recipe: Path, *overrides: str, export: str = "ALL") -> str:
-    """sbatch slurm/train.sbatch RECIPE --set ...; ``export`` is sbatch's --export (e.g. "ALL,PROCS_PER_NODE=2")."""
+def submit(recipe: Path, *overrides: str, options: tuple[str, ...] = ()) -> str:
+    """sbatch [options] slurm/train.sbatch RECIPE --set ...; ``options`` are sbatch's (e.g. --export=ALL,PROCS_PER_NODE=2)."""
     args = [a for o in overrides for a in ("--set", o)]
-    return subprocess.run(["sbatch", "--parsable", f"--chdir={ROOT}", f"--export={export}",
+    return subprocess.run(["sbatch", "--parsable", f"--chdir={ROOT}", *options,
                            str(ROOT / "slurm" / "train.sbatch"), str(recipe), *args],
                           capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
 
@@ -123,12 +123,15 @@ def test_a_table_runs_as_array_jobs_and_a_second_submission_reuses_every_run(wor
     assert again.stdout.count("reusing the finished run") == 5 and "training" not in again.stdout.split("runs (")[1]
 
 
+TWO_RANKS = "--export=ALL,PROCS_PER_NODE=2"  # two training processes on the (CPU) node
+
+
 def test_a_rank_killed_mid_epoch_restarts_the_job_which_resumes_and_matches_an_uninterrupted_run(work, digits):
     """Two ranks, mid-epoch checkpoints every 4 steps; SIGKILL rank 1 in the second epoch."""
     recipe = tiny_recipe(work, digits, "slurm-killed", schedule={"epochs": 3},
                          runtime={"log_every": 2, "checkpoint_steps": 4, "signal_check_every": 2})
     run = work / "slurm-killed"
-    job = submit(recipe, export="ALL,PROCS_PER_NODE=2")
+    job = submit(recipe, options=(TWO_RANKS,))
     wait_for(lambda: any((run / "checkpoints").glob("epoch0001-step*")), 300, "a mid-epoch checkpoint in epoch 2")
     ranks = rank_pids(str(run))
     assert sorted(ranks) == [0, 1], ranks
@@ -150,3 +153,27 @@ def test_a_rank_killed_mid_epoch_restarts_the_job_which_resumes_and_matches_an_u
     restarted, straight = (load_file(str(p / "student.safetensors")) for p in (run, work / "slurm-killed-reference"))
     for key in straight:
         assert torch.allclose(restarted[key], straight[key], atol=1e-6), key
+
+
+def finished_log(job: str, timeout: float = 300) -> str:
+    wait_for(lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), timeout, f"job {job}")
+    log = (ROOT / "logs" / f"atsc-{job}.out").read_text()
+    assert job_field(job, "JobState") == "COMPLETED", log[-3000:]
+    return log
+
+
+def test_a_job_gets_whole_nodes_and_a_rank_with_fewer_cores_than_workers_is_warned(work, digits):
+    """Steps are confined to their cores here (slurm/local-cluster.sh: task/affinity)."""
+    one = subprocess.run(["srun", "--cpus-per-task=1", "grep", "Cpus_allowed_list", "/proc/self/status"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    assert re.fullmatch(r"Cpus_allowed_list:\s*\d+", one.stdout.strip()), one.stdout  # a step given one core runs on one
+    cores = os.cpu_count()
+    recipe = tiny_recipe(work, digits, "slurm-cores", schedule={"epochs": 1}, data={"workers": 1})
+    whole = finished_log(submit(recipe, options=(TWO_RANKS,)))
+    assert f"2 processes, {cores} cores and all the memory per node" in whole
+    if cores >= 2:  # one worker per rank fits: no warning (confined to one core, the step would warn)
+        assert "loader workers" not in whole, whole[-3000:]
+    shared = finished_log(submit(recipe, "output=" + str(work / "slurm-cores-shared"),
+                                 options=(TWO_RANKS, "--oversubscribe", "--cpus-per-task=1", "--mem=2000")))
+    assert "2 processes, 1 cores and 2000 MB per node" in shared
+    assert "warning: rank 0: 1 core(s) here for 2 rank(s), 0.5 per rank, fewer than its `data.workers` = 1" in shared
