@@ -20,12 +20,16 @@ seed, a shard is written to ``<name>.tmp`` and renamed when complete, and finish
 (checked to hold exactly their planned samples, less those that still do not decode) are kept.
 ``_info.json`` is written last. A directory written before the per-split folders is moved into
 them (renames only) when the command is rerun on it.
+
+``--task I/N`` writes only the I-th of N contiguous ranges of the shards (all splits' shards in
+order), for array jobs (``slurm/shards.sbatch``): N writers side by side, each resumable on its
+own, none writing ``_info.json``; the same command without ``--task`` then keeps every complete
+shard (each checked), writes any still missing, and writes ``_info.json``.
 """
 from __future__ import annotations
 
 import argparse
 import io
-import math
 import multiprocessing
 import os
 import sys
@@ -40,8 +44,8 @@ import numpy as np
 from PIL import Image
 
 from shards.imagenet import FORMATS, Item, SourceError, detect_format, open_source, read_item
-from shards.layout import (move_flat_layout, read_info, remove_temporaries, shard_file, shard_name, shard_writer,
-                           split_entry, write_info)
+from shards.layout import (TMP_SUFFIX, move_flat_layout, read_info, remove_temporaries, shard_file, shard_name,
+                           shard_writer, split_entry, write_info)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
@@ -369,17 +373,42 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--name", help="dataset name in _info.json (default: SOURCE's folder name)")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first file that does not decode (default: skip it and list it in _info.json)")
+    p.add_argument("--task", type=task_range, metavar="I/N",
+                   help="write only range I (0-based) of N of the shards, for array jobs; no _info.json (see above)")
     p.add_argument("--decode-check", action="store_true",
                    help="decode every JPEG stored untouched to check it (default: header and end marker only; "
                         "about 30%% slower)")
     return p.parse_args(argv)
 
 
+def task_range(text: str) -> tuple[int, int]:
+    """``--task I/N``: (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/16), got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"I must be 0 to N-1 in I/N, got {text!r}")
+    return index, count
+
+
+def task_shards(plans: dict[str, list[list[Item]]], task: tuple[int, int]) -> dict[str, set[int]]:
+    """Shard indices per split of range I of N: every split's shards in order, cut into N contiguous ranges."""
+    flat = [(split, i) for split, shards in plans.items() for i in range(len(shards))]
+    index, count = task
+    mine: dict[str, set[int]] = {split: set() for split in plans}
+    for split, i in flat[len(flat) * index // count:len(flat) * (index + 1) // count]:
+        mine[split].add(i)
+    return mine
+
+
 def write_split(pool, out: Path, split: str, shards: list[list[Item]], encoding: Encoding, strict: bool,
-                progress_stream: TextIO) -> tuple[Progress, list[ShardResult]]:
-    """Write (or resume) one split's shards in parallel, one Pool task per shard; results in shard order."""
-    tasks = [ShardTask(str(out), shard_file(split, i), shard, encoding, strict) for i, shard in enumerate(shards)]
-    progress = Progress(split, len(tasks), sum(len(s) for s in shards), progress_stream)
+                progress_stream: TextIO, only: Optional[set[int]] = None) -> tuple[Progress, list[ShardResult]]:
+    """Write (or resume) one split's shards (those in ``only``, if given) in parallel, one Pool task per
+    shard; results in shard order."""
+    tasks = [ShardTask(str(out), shard_file(split, i), shard, encoding, strict)
+             for i, shard in enumerate(shards) if only is None or i in only]
+    progress = Progress(split, len(tasks), sum(len(t.items) for t in tasks), progress_stream)
     results = {}
     for result in pool.imap_unordered(write_shard, tasks):
         progress.update(result.samples + len(result.skipped), result.resumed)
@@ -423,12 +452,15 @@ def run(args: argparse.Namespace, log: Optional[TextIO] = None) -> None:
     except OSError as e:
         raise SourceError(f"{out}: cannot create the output directory ({e.strerror}); pass a writable --out") \
             from None
-    write_classes(out, classes)
-    move_flat_layout(out, log)  # a directory from before the split folders: its shards are kept, moved
+    task = args.task
+    lead = task is None or task[0] == 0  # array tasks run side by side: one of them changes the directory
+    if lead:
+        write_classes(out, classes)
+        move_flat_layout(out, log)  # a directory from before the split folders: its shards are kept, moved
     for split in splits:
         (out / split).mkdir(exist_ok=True)
     info = load_info(out, args.name or source_dir.resolve().name, classes)
-    if any(s in info["splits"] for s in splits):
+    if lead and any(s in info["splits"] for s in splits):
         # while these splits are rewritten _info.json must not vouch for them; other splits stay listed
         info["splits"] = {k: v for k, v in info["splits"].items() if k not in splits}
         write_info(out, info)
@@ -436,13 +468,29 @@ def run(args: argparse.Namespace, log: Optional[TextIO] = None) -> None:
     writer = {"source": str(source_dir.resolve()), "format": fmt, "seed": args.seed, "shard_size": args.shard_size,
               "max_size": args.max_size, "quality": args.quality}
     reports = []
-    remove_temporaries(out, splits)  # a killed run's half shards
+    shard_plans = {split: plan_shards(items, args.seed, args.shard_size) for split, items in plans.items()}
+    mine = task_shards(shard_plans, task) if task else None
+    owned = sum(len(v) for v in mine.values()) if mine else sum(len(v) for v in shard_plans.values())
+
+    def clean() -> None:
+        """A killed run's half shards: all of them, or in an array task only its own (the others' are in use)."""
+        if mine is None:
+            remove_temporaries(out, splits)
+        for split, indices in (mine or {}).items():
+            for i in indices:
+                (out / f"{shard_file(split, i)}{TMP_SUFFIX}").unlink(missing_ok=True)
+
+    clean()
     try:
-        with multiprocessing.Pool(min(args.workers, sum(math.ceil(len(v) / args.shard_size)
-                                                        for v in plans.values()))) as pool:
+        with multiprocessing.Pool(max(1, min(args.workers, owned))) as pool:
             for split, items in plans.items():
-                shards = plan_shards(items, args.seed, args.shard_size)
-                progress, results = write_split(pool, out, split, shards, encoding, args.strict, log)
+                shards = shard_plans[split]
+                progress, results = write_split(pool, out, split, shards, encoding, args.strict, log,
+                                                mine[split] if mine else None)
+                if mine is not None:
+                    reports.append(f"{split}: task {task[0]}/{task[1]}: {len(results)} of {len(shards)} shards, "
+                                   f"{progress.done_shards - progress.resumed} written, {progress.resumed} kept")
+                    continue
                 skipped = [s for r in results for s in r.skipped]
                 if len(skipped) == len(items):
                     raise SourceError(f"{source_dir}: none of the {len(items)} files of split {split} decodes "
@@ -456,7 +504,11 @@ def run(args: argparse.Namespace, log: Optional[TextIO] = None) -> None:
                                f"{progress.resumed} kept from an earlier run")
                 reports += skipped_report(out, split, skipped) + stale_report(out, split, len(shards))
     finally:
-        remove_temporaries(out, splits)  # stopped by an error or Ctrl-C: the pool is gone, so are its half shards
+        clean()  # stopped by an error or Ctrl-C: the pool is gone, so are its half shards
+    if task is not None:
+        print("\n".join(reports + ["_info.json is left to the same command without --task, once every task ended"]),
+              file=log, flush=True)
+        return
     write_info(out, info)  # last: its entry for a split means every shard is complete
     print(f"{len(classes)} classes -> {out / 'classes.txt'}", file=log)
     for line in reports:

@@ -177,3 +177,97 @@ def test_a_job_gets_whole_nodes_and_a_rank_with_fewer_cores_than_workers_is_warn
                                  options=(TWO_RANKS, "--oversubscribe", "--cpus-per-task=1", "--mem=2000")))
     assert "2 processes, 1 cores and 2000 MB per node" in shared
     assert "warning: rank 0: 1 core(s) here for 2 rank(s), 0.5 per rank, fewer than its `data.workers` = 1" in shared
+
+
+def job_states(job: str) -> list[str]:
+    """JobState of every task of an array job (or of one job)."""
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return [t.split("=", 1)[1] for t in out.split() if t.startswith("JobState=")]
+
+
+def ended(job: str) -> bool:
+    states = job_states(job)
+    return bool(states) and all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for s in states)
+
+
+def jpeg_folder(root: Path, classes: int = 3, per_class: dict = {"train": 80, "val": 20}) -> Path:
+    """A small ImageFolder of real JPEGs (noisy, 640 x 480: each takes a decode and a resize to shard)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"img{i:03d}.JPEG", quality=90)
+    return root
+
+
+def writer_pids(marker: str, task: str) -> list[int]:
+    """The shard writer's processes (the task's main process and its pool) for array task ``task``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "shards.write" in cmdline and marker in cmdline and f"--task {task}" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_shards_array_job_with_a_task_killed_mid_write_reruns_to_identical_shards(work):
+    """3 array tasks, task 1 killed while a shard of its range is half written (one already complete); a rerun
+    of that task keeps the complete one and writes the rest; the final step checks the set and writes _info.json;
+    every shard is byte-identical to an uninterrupted write."""
+    source = jpeg_folder(work / "jpegs")
+    out, reference = work / "shards-array", work / "shards-reference"
+    args = [str(source), "--out", str(out), "--shard-size", "20", "--max-size", "200", "--workers", "1"]
+    sbatch = ["sbatch", "--parsable", f"--chdir={ROOT}", "--cpus-per-task=1"]
+    script = str(ROOT / "slurm" / "shards.sbatch")
+    array = subprocess.run([*sbatch, "--array=0-2", script, *args], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    # freeze task 1 while one of its shards is half written (a .tmp), then kill it there
+    mine = [f"train-{i:06d}.tar" for i in range(5, 10)]  # task 1's range: shards 5-9 of the 15 (12 train, 3 val)
+    half, done = [], []
+    deadline = time.time() + 300
+    while not half and time.time() < deadline and not ended(f"{array}_1"):
+        # caught once a shard of its range is complete and the next one half written
+        if not any((out / "train" / name).exists() for name in mine) or \
+                not any((out / "train" / f"{name}.tmp").exists() for name in mine):
+            time.sleep(0.02)
+            continue
+        pids = writer_pids(str(out), "1/3")
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        half = [out / "train" / f"{name}.tmp" for name in mine if (out / "train" / f"{name}.tmp").exists()]
+        done = [name for name in mine if (out / "train" / name).exists()]
+        if not half:  # it finished that shard before it stopped: try the next one
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+    assert half, "task 1 was never caught half-way through a shard"
+    subprocess.run(["scancel", "--full", "--signal=KILL", f"{array}_1"], check=True)
+    wait_for(lambda: ended(array), 300, "the array's tasks")
+    assert job_field(f"{array}_1", "JobState") in ("CANCELLED", "FAILED"), job_states(array)
+    assert all(p.exists() for p in half)  # the killed task left its half shard
+    rerun = subprocess.run([*sbatch, "--array=1", "--export=ALL,SHARD_TASKS=3", script, *args],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    final = subprocess.run([*sbatch, f"--dependency=afterany:{rerun}", "--output=logs/%x-%j.out", script, *args],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    wait_for(lambda: job_field(final, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the final step")
+    assert job_field(final, "JobState") == "COMPLETED", (ROOT / "logs" / f"shards-{final}.out").read_text()[-3000:]
+    rerun_log = (ROOT / "logs" / f"shards-{rerun}_1.out").read_text()
+    # the rerun kept the shards finished before the kill and wrote the rest, the half one among them
+    assert f"train: task 1/3: 5 of 12 shards, {5 - len(done)} written, {len(done)} kept" in rerun_log, rerun_log
+    assert not list(out.rglob("*.tmp"))
+    straight = subprocess.run([sys.executable, "-m", "shards.write", str(source), "--out", str(reference), *args[3:]],
+                              cwd=ROOT, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    written = sorted(p.relative_to(out) for p in out.rglob("*.tar"))
+    assert written == sorted(p.relative_to(reference) for p in reference.rglob("*.tar")) and len(written) == 15
+    for name in written:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert json.loads((out / "_info.json").read_text()) == json.loads((reference / "_info.json").read_text())
