@@ -12,6 +12,9 @@ reads what the runs wrote (``summary.json``, ``metrics.jsonl``, ``student.safete
 - ``<out>/results.json``: the same with every run's numbers and per-epoch curves;
 - ``<out>/top1.png``: validation top-1 per epoch per pair, mean over seeds with the std shaded.
 
+(A table file named other than ``table.yaml``, e.g. ``ablation.yaml`` sharing ``runs/compare``
+with ``table.yaml``, writes ``results-ablation.md``, ``results-ablation.json``, ``top1-ablation.png``.)
+
 A teacher recipe is found from the checkpoint its students name: ``checkpoint:
 runs/<anything>/<stem>/student.safetensors`` is trained by ``<stem>.yaml`` beside the table.
 A finished run is reused when its recipe, overrides and teachers' recipes are unchanged (its
@@ -73,6 +76,7 @@ class Cell:
 @dataclass
 class Table:
     path: Path
+
     title: str
     out: Path
     seeds: list[int]
@@ -80,6 +84,10 @@ class Table:
     teachers_published: dict[str, tuple[float, Optional[str]]]  # teacher recipe stem -> (top-1 %, source)
     sources: dict[str, str]
     notes: list[str]
+
+    def report_file(self, stem: str, suffix: str) -> str:
+        """``results.md`` for ``table.yaml``; ``results-<name>.md`` for any other table sharing the folder."""
+        return f"{stem}{suffix}" if self.path.stem == "table" else f"{stem}-{self.path.stem}{suffix}"
 
 
 def load_table(path: Path, only: Sequence[str] = ()) -> Table:
@@ -401,6 +409,7 @@ def settings_line(cell: Cell, recipe: dict[str, Any]) -> str:
 
 
 def write_markdown(path: Path, table: Table, rows, teachers, runs, jobs: int) -> None:
+    """results.md: the title, the table, how to read it, the sources, the plot."""
     extra = max((r["params_in_file"] - r["params"] for r in rows), default=0)
     first_of_pair = {c.pair: c for c in reversed(table.cells)}
     notes = [
@@ -421,7 +430,7 @@ def write_markdown(path: Path, table: Table, rows, teachers, runs, jobs: int) ->
     sources = [f"- [{key}] {text}" for key, text in table.sources.items()]
     body = [f"# {table.title}", "", table_markdown(rows, teachers), "", *[f"- {n}" for n in notes if n], "",
             *(["Published numbers:", "", *sources, ""] if sources else []),
-            "![validation top-1 per epoch](top1.png)", ""]
+            f"![validation top-1 per epoch]({table.report_file('top1', '.png')})", ""]
     path.write_text("\n".join(body))
 
 
@@ -490,12 +499,12 @@ def report(table: Table, out: Path, seeds: Sequence[int], jobs: int = 1) -> dict
                                   "best": max([t["top1"]] + [v for _, v in t["curve"]]),
                                   "params": t["params"]["used"], "wall_time_s": t["wall_time_s"],
                                   "published": published, "source": source}
-    write_markdown(out / "results.md", table, rows, teachers, runs, jobs)
-    write_plot(out / "top1.png", table.title, rows, teachers, teacher_pairs)
+    write_markdown(out / table.report_file("results", ".md"), table, rows, teachers, runs, jobs)
+    write_plot(out / table.report_file("top1", ".png"), table.title, rows, teachers, teacher_pairs)
     result = {"title": table.title, "rows": rows, "teachers": teachers, "jobs": jobs, "sources": table.sources,
               "runs": {stem: {s: {k: v for k, v in r.items() if k != "recipe"} for s, r in by_seed.items()}
                        for stem, by_seed in runs.items()}}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / table.report_file("results", ".json")).write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -550,8 +559,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'top1.png'}")
+    files = [out / table.report_file(stem, suffix) for stem, suffix in
+             (("results", ".md"), ("results", ".json"), ("top1", ".png"))]
+    print(files[0].read_text())
+    print(f"wrote {', '.join(map(str, files))}")
 
 
 if __name__ == "__main__":
