@@ -91,20 +91,36 @@ def run_nodes(commands: list[list[str]], logs: list[Path], cwd: Path, marker: st
     return [n.returncode for n in nodes]
 
 
-def rank_pids(marker: str) -> dict[int, int]:
-    """Training processes (torchrun's workers: they have LOCAL_RANK) whose command line holds ``marker``: rank -> pid."""
+def processes(*needles: str) -> dict[int, dict[str, str]]:
+    """Processes on this host whose command line holds every one of ``needles``: pid -> environment."""
     found = {}
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if marker not in cmdline or "harness/run.py" not in cmdline:
+            if not all(needle in cmdline for needle in needles):
                 continue
             env = dict(v.split("=", 1) for v in (proc / "environ").read_bytes().decode().split("\0") if "=" in v)
         except (OSError, ValueError):  # gone meanwhile, or not a process directory
             continue
-        if "LOCAL_RANK" in env:
-            found[int(env["RANK"])] = int(proc.name)
+        found[int(proc.name)] = env
     return found
+
+
+def rank_pids(marker: str) -> dict[int, int]:
+    """Training processes (torchrun's workers: they have LOCAL_RANK) whose command line holds ``marker``: rank -> pid."""
+    return {int(env["RANK"]): pid for pid, env in processes(marker, "harness/run.py").items() if "LOCAL_RANK" in env}
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 1.0) -> None:
+    """Return once ``predicate()`` holds; fail naming ``what`` after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _free_port() -> int:

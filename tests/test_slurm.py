@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch, rank_pids, records, tiny_recipe
+from conftest import ROOT, launch, processes, rank_pids, records, tiny_recipe, wait_for
 
 
 def _cluster_up() -> bool:
@@ -34,15 +34,6 @@ def job_field(job: str, field: str) -> str:
         if token.startswith(field + "="):
             return token.split("=", 1)[1]
     return ""
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def trained_steps(run: Path) -> int:
@@ -206,19 +197,6 @@ def jpeg_folder(root: Path, classes: int = 3, per_class: dict = {"train": 80, "v
     return root
 
 
-def writer_pids(marker: str, task: str) -> list[int]:
-    """The shard writer's processes (the task's main process and its pool) for array task ``task``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "shards.write" in cmdline and marker in cmdline and f"--task {task}" in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
 def test_shards_array_job_with_a_task_killed_mid_write_reruns_to_identical_shards(work):
     """3 array tasks, task 1 killed while a shard of its range is half written (one already complete); a rerun
     of that task keeps the complete one and writes the rest; the final step checks the set and writes _info.json;
@@ -240,7 +218,7 @@ def test_shards_array_job_with_a_task_killed_mid_write_reruns_to_identical_shard
                 not any((out / "train" / f"{name}.tmp").exists() for name in mine):
             time.sleep(0.02)
             continue
-        pids = writer_pids(str(out), "1/3")
+        pids = list(processes("shards.write", str(out), "--task 1/3"))  # the task's writer and its pool
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         half = [out / "train" / f"{name}.tmp" for name in mine if (out / "train" / f"{name}.tmp").exists()]

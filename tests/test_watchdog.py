@@ -7,16 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import LAUNCH_ENV, launch_command, rank_pids, tiny_recipe
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from conftest import LAUNCH_ENV, launch_command, rank_pids, tiny_recipe, wait_for
 
 
 def trained(run: Path) -> bool:
@@ -34,15 +25,15 @@ def test_a_stopped_rank_is_named_and_the_other_exits_within_the_progress_timeout
                                     stdout=sink, stderr=subprocess.STDOUT)
     stopped = None
     try:
-        wait_until(lambda: trained(run) or launcher.poll() is not None, 300, "training to start")
+        wait_for(lambda: trained(run) or launcher.poll() is not None, 300, "training to start", poll=0.5)
         assert launcher.poll() is None, log.read_text()[-4000:]
         ranks = rank_pids(str(run))
         assert sorted(ranks) == [0, 1], ranks
         stopped = ranks[1]
         os.kill(stopped, signal.SIGSTOP)  # alive but silent: its peer's next collective would wait 15 min
         start = time.monotonic()
-        wait_until(lambda: not Path(f"/proc/{ranks[0]}").exists() or _zombie(ranks[0]), timeout + 60,
-                   "rank 0 to give up on its stopped peer")
+        wait_for(lambda: not Path(f"/proc/{ranks[0]}").exists() or _zombie(ranks[0]), timeout + 60,
+                 "rank 0 to give up on its stopped peer", poll=0.5)
         waited = time.monotonic() - start
         launcher.wait(timeout=120)  # torchrun then ends the stopped rank too
     finally:
