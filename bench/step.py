@@ -40,7 +40,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.build import build_method  # noqa: E402
-from harness.engine import base_optimizer, build_engine, init_runtime  # noqa: E402
+from harness.distributed import init_runtime  # noqa: E402
+from harness.engine import base_optimizer, build_engine  # noqa: E402
 from harness.zero import deepspeed_config  # noqa: E402
 from harness.guard import NonFiniteGuard  # noqa: E402
 from harness.method import align_maps, pooled  # noqa: E402

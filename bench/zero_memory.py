@@ -54,7 +54,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.build import build_method  # noqa: E402
-from harness.engine import base_optimizer, build_engine, init_runtime, shutdown  # noqa: E402
+from harness.distributed import init_runtime, shutdown  # noqa: E402
+from harness.engine import base_optimizer, build_engine  # noqa: E402
 from harness.optim import build_optimizer, peak_lr, set_lr, set_teachers_trainable  # noqa: E402
 from harness.recipe import Recipe, load_recipe  # noqa: E402
 

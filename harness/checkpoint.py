@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from harness import manifest
-from harness.engine import all_reduce
+from harness.distributed import all_reduce
 
 
 def checkpoint_dir(output: str | Path) -> Path:

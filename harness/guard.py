@@ -20,7 +20,7 @@ import logging
 import torch
 from torch import nn
 
-from harness.engine import all_reduce
+from harness.distributed import all_reduce
 
 log = logging.getLogger(__name__)
 

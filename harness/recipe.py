@@ -111,6 +111,17 @@ class Schedule(_Section):
     min_lr_factor: float = Field(0.0, ge=0, le=1, description="cosine: final lr as a fraction of the peak")
 
 
+class Ema(_Section):
+    """An exponential moving average of the deployed student, evaluated beside it and exported as its own file."""
+
+    decay: float = Field(0.9998, gt=0, lt=1, description="EMA decay per optimizer step (timm ModelEmaV3's `decay`)")
+    warmup: bool = Field(False, description="ramp the decay up as timm's ModelEmaV3 `use_warmup`: min(decay, 1 - (1 + step / warmup_gamma) ** -warmup_power)")
+    warmup_gamma: float = Field(1.0, gt=0, description="warm-up: timm's `warmup_gamma`")
+    warmup_power: float = Field(2 / 3, gt=0, description="warm-up: timm's `warmup_power`")
+    update_after: int = Field(0, ge=0, description="optimizer steps before the EMA starts averaging (a copy of the weights until then)")
+    every: int = Field(1, gt=0, description="optimizer steps between EMA updates")
+
+
 class Runtime(_Section):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPUs that support it, else fp32")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 for student, projectors and adapted teachers")
@@ -123,6 +134,9 @@ class Runtime(_Section):
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept: the newest N, plus the best by student top-1")
     signal_check_every: int = Field(10, gt=0, description="optimizer steps between checks (one tiny collective) for a stop signal: SIGUSR1 saves and exits for requeue, SIGTERM saves and stops")
     threads: Optional[int] = Field(None, gt=0, description="torch CPU threads per process; null: torch's default")
+    trackers: list[Literal["wandb", "mlflow", "aim"]] = Field(default_factory=list, description="experiment trackers beside the TensorBoard event files every run writes (`<output>/tensorboard`): wandb, mlflow, aim, each when its package is installed (offline modes work without network: WANDB_MODE=offline, a file: MLFLOW_TRACKING_URI)")
+    tracker_project: Optional[str] = Field(None, description="project / experiment name in the trackers; null: the recipe's name")
+    ema: Optional[Ema] = Field(None, description="an EMA of the deployed student (backbone, projectors, shared classifiers); null: none")
     compile: bool = Field(False, description="torch.compile the distiller's training forward (student, projectors, teachers); stages 0-2; the first steps are slow while it compiles")
     max_nonfinite_steps: int = Field(20, gt=0, description="optimizer steps in a row with a NaN/inf loss (each skipped, on every rank) before the run stops, naming the last good checkpoint; checked every `signal_check_every` steps")
     collective_timeout: float = Field(900, gt=0, description="seconds a collective (all-reduce, barrier) may wait for its peers before it fails (torch's default: 30 min for gloo); keep it above `progress_timeout`, which names the ranks that stopped")

@@ -24,8 +24,9 @@ import torch
 from harness import checkpoint
 from harness.build import build_method, check_model_files
 from harness.data import DataError, Position, build_loaders, plan_data
-from harness.engine import (Runtime, all_gather_objects, all_reduce, base_optimizer, broadcast_buffers, build_engine, evaluate,
-                            init_runtime, shutdown, two_pass_bias_step)
+from harness.distributed import Runtime, all_gather_objects, all_reduce, broadcast_buffers, init_runtime, shutdown
+from harness.engine import base_optimizer, build_engine, two_pass_bias_step
+from harness.evaluation import evaluate
 from harness.export import full_state_dict, save_student, student_config
 from harness.guard import NonFiniteGuard, NonFiniteLoss
 from harness.metrics import MetricsLog, Progress, memory_gb, summary_table

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Optional
 import torch.distributed as dist
 from torch import nn
 
-if TYPE_CHECKING:  # only for hints: harness.engine imports this module
-    from harness.engine import Runtime
+if TYPE_CHECKING:  # only for hints: harness.distributed imports this module
+    from harness.distributed import Runtime
 
 # The DeepSpeed versions the patches below were tested on (tests/test_engine.py passed under each).
 # pyproject.toml allows exactly these and constraints.txt installs one of them; adding a version

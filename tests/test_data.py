@@ -105,7 +105,7 @@ def test_evaluation_with_a_sample_that_does_not_decode_stops(digits, tmp_path):
     import tarfile
 
     import timm
-    from harness.engine import Runtime
+    from harness.distributed import Runtime
     from harness.run import evaluate_split
 
     copy = tmp_path / "digits"

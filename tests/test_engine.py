@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from harness.build import build_method
-from harness.engine import LocalEngine, Runtime, build_engine
+from harness.distributed import Runtime
+from harness.engine import build_engine
+from harness.local_engine import LocalEngine
 from harness.zero import deepspeed_config
 from harness.optim import build_optimizer, set_lr, set_teachers_trainable
 from harness.recipe import Recipe
@@ -177,7 +179,8 @@ def test_zero_steps_the_weight_partitions_in_place(stage, accum):
 
     script = f"""
 import torch
-from harness.engine import base_optimizer, build_engine, init_runtime, shutdown
+from harness.distributed import init_runtime, shutdown
+from harness.engine import base_optimizer, build_engine
 import tests.test_engine as T
 
 rt = init_runtime("fp32", {stage}, 1)

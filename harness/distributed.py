@@ -1,0 +1,125 @@
+"""The process group: one function that joins it from any launcher, and the collectives the harness uses.
+
+Accelerate launches the processes (``accelerate launch``, torchrun, or SLURM through them) and
+creates the process group: NCCL on GPU nodes, gloo on CPU-only hosts. A plain ``python
+harness/run.py`` is a world of one. Everything here is a no-op in a world of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from harness import zero
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int
+    world_size: int
+    local_rank: int
+    bf16: bool
+    zero_stage: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+def _quiet_libraries() -> None:
+    """Silence library chatter that says nothing to a user of this harness."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    ds_log = logging.getLogger("DeepSpeed")
+    ds_log.setLevel(logging.WARNING)
+    # Our optimizer is a torch SGD/AdamW with the anchor term: "untested" by DeepSpeed by design.
+    ds_log.addFilter(lambda record: "untested optimizer" not in record.getMessage())
+    # "No CUDA runtime is found" on CPU hosts, where that is expected
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # DeepSpeed still calls collectives that torch has renamed; nothing for a user to do
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="deepspeed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_runtime(precision: str, zero_stage: int, threads: Optional[int] = None,
+                 collective_timeout: Optional[float] = None) -> Runtime:
+    """Join (or, run directly with python, create) the process group and pick the device.
+
+    ``collective_timeout`` (seconds; None: torch's default, 30 min for gloo) bounds how long a
+    collective waits for a peer that died or stopped before it fails instead of hanging.
+    """
+    _quiet_libraries()
+    if threads:
+        torch.set_num_threads(threads)
+    if "WORLD_SIZE" not in os.environ:  # plain `python harness/run.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    from accelerate import PartialState
+
+    cuda = torch.cuda.is_available()
+    # On a CPU-only host Accelerate counts one process unless it is told the backend.
+    timeout = {"timeout": timedelta(seconds=collective_timeout)} if collective_timeout else {}
+    state = PartialState(backend="nccl" if cuda else "gloo", **timeout)
+    zero.init_distributed("nccl" if cuda else "gloo", **timeout)  # compiles nothing (see there)
+    bf16 = precision == "bf16" or (precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device=state.device, rank=state.process_index, world_size=state.num_processes,
+                   local_rank=state.local_process_index, bf16=bf16, zero_stage=zero_stage)
+
+
+def shutdown() -> None:
+    """Destroy the process group: exiting without it can abort with 'terminate called ...'."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce ('sum', 'max' or 'min') across ranks; a no-op in a world of one."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return values
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's ``value``, in rank order (a collective; for checkpoint-time state only)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    Each rank updates its statistics from its own batches; as with DDP's default, rank 0's are
+    the model's. Called before evaluation and export, so every rank evaluates, and the file
+    holds, the same model, and a resumed run (which restores rank 0's) ends exactly the same.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
