@@ -9,6 +9,18 @@ real training step (timm model, bf16 autocast, channels_last, SGD), with the sha
 spent waiting for data; and once (c) the step alone on one resident batch, the ceiling. For the
 GPU path it also reports the decode thread's time per batch in the decode stage and, of that, in
 the nvJPEG call. One JSON line per measurement.
+
+    python bench/gpu_data.py --stage [--batches 32 64 128 256] [--code TREE ...]
+
+needs no GPU: the GPU path's decode stage (``DeviceDecode._finish``) on CPU tensors, per batch
+size, for ImageNet-like (500x375 -> 224) and small (64-128 px -> 56) JPEGs, one in 16 sent as
+pixels as the workers send a PNG: (a) the torch operations it issues per batch, counted with a
+TorchDispatchMode, split into the decode (torchvision's ``image`` ops: one per image on the CPU,
+one batched nvJPEG call on CUDA) and the finishing (everything else: what the batched path
+keeps constant); (b) its host time per batch (median), and of that the decode. On CPU tensors
+the finishing time is the resampling arithmetic itself, which on CUDA runs on the device; the
+small images show the host overhead. ``--code`` measures another tree's ``harness`` (e.g. a
+``git archive`` of an older commit) in a subprocess, for before/after figures.
 """
 from __future__ import annotations
 
@@ -16,8 +28,11 @@ import argparse
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
+from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -25,8 +40,10 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness.data import DeferredDecode, DeviceDecode, EpochLoader, Preprocess, ShardStream, train_transform
+from harness.gpu_decode import DeferredDecode, DeviceDecode
+from harness.transforms import Preprocess, train_transform
 
 PRE = Preprocess(image_size=224, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CROP = ((0.08, 1.0), (3 / 4, 4 / 3), 0.5)
@@ -58,7 +75,9 @@ def make_shards(root: Path, images: int) -> list[str]:
         return pool.map(write_shard, jobs)
 
 
-def loader_for(path: str, urls: list[str], workers: int, batch: int) -> EpochLoader:
+def loader_for(path: str, urls: list[str], workers: int, batch: int):
+    from harness.data import EpochLoader, ShardStream  # here: --stage needs only the decode stage
+
     transform = DeferredDecode(PRE, CROP) if path == "gpu" else train_transform(PRE, *CROP)
     lengths = {u: PER_SHARD for u in urls}
     stream = ShardStream(urls, transform, 1000, batch, train=True, shuffle_buffer=512, lengths=lengths)
@@ -105,13 +124,111 @@ def measure(loader: EpochLoader, step, epoch: int) -> dict:
     return {"img_per_s": round(seen / wall, 1), "data_wait": round(wait / wall, 3), "images": seen}
 
 
+class CountOps(TorchDispatchMode):
+    """Counts the aten (and torchvision ``image``) operations dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+STAGE_IMAGES = {  # setting: (image_size, widths, heights) of the generated JPEGs
+    "imagenet": (224, (333, 500), (333, 500)),
+    "small": (56, (64, 128), (48, 112)),
+}
+
+
+def stage_batch(batch: int, setting: str, seed: int):
+    """One training batch as the GPU path's workers hand it over, and the Preprocess it is for."""
+    side, (w0, w1), (h0, h1) = STAGE_IMAGES[setting]
+    pre = Preprocess(image_size=side, crop_pct=0.875, mean=PRE.mean, std=PRE.std)
+    rng = np.random.default_rng(seed)
+    plan, items = DeferredDecode(pre, CROP), []
+    for i in range(batch):
+        w, h = int(rng.integers(w0, w1 + 1)), int(rng.integers(h0, h1 + 1))
+        base = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(base).resize((w, h), Image.BICUBIC)).astype(np.int16)
+        img = (img + rng.integers(-12, 12, img.shape)).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG" if i % 16 == 15 else "JPEG", quality=90)
+        items.append(plan.plan({"__key__": f"img{i:07d}", "png" if i % 16 == 15 else "jpg": buf.getvalue(),
+                                "cls": i % 1000}, 1000, seed))
+    return pre, DeferredDecode.collate(items)
+
+
+def stage_cost(batch: int, setting: str, repeats: int) -> dict:
+    """Operations and host time per batch of ``DeviceDecode._finish`` on CPU tensors."""
+    from harness import gpu_decode
+
+    pre, (encoded, y) = stage_batch(batch, setting, seed=batch)
+    stage = gpu_decode.DeviceDecode(pre, torch.device("cpu"), train=True)
+    decode, decode_s = gpu_decode._decode_jpegs, []
+
+    def timed(*a):
+        t = time.perf_counter()
+        out = decode(*a)
+        decode_s.append(time.perf_counter() - t)
+        return out
+
+    gpu_decode._decode_jpegs = timed
+    try:
+        with CountOps() as count:
+            stage._finish(encoded, y, (0, batch, 0))
+        total_s = []
+        for _ in range(repeats):
+            decode_s.clear()
+            t = time.perf_counter()
+            stage._finish(encoded, y, (0, batch, 0))
+            total_s.append((time.perf_counter() - t, sum(decode_s)))
+    finally:
+        gpu_decode._decode_jpegs = decode
+    decode_ops = sum(n for op, n in count.ops.items() if op.startswith("image."))
+    total, decoding = np.median([t for t, _ in total_s]), np.median([d for _, d in total_s])
+    return {"setting": setting, "batch": batch, "ops": sum(count.ops.values()), "decode_ops": decode_ops,
+            "finish_ops": sum(count.ops.values()) - decode_ops, "ms": round(1000 * total, 1),
+            "decode_ms": round(1000 * decoding, 1), "finish_ms": round(1000 * (total - decoding), 1),
+            "top_ops": dict(count.ops.most_common(4))}
+
+
+def stage_main(args: argparse.Namespace) -> None:
+    if args.code:  # each tree in its own process, its harness first on the path
+        for code in args.code:
+            cmd = [sys.executable, __file__, "--stage", "--repeats", str(args.repeats), "--settings", *args.settings,
+                   "--batches", *map(str, args.batches)]
+            env = {**os.environ, "PYTHONPATH": str(Path(code).resolve())}
+            for line in subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines():
+                emit(code=str(code), **json.loads(line))
+        return
+    torch.set_num_threads(args.threads)
+    import harness.gpu_decode
+
+    emit(kind="env", torch=torch.__version__, harness=str(Path(harness.gpu_decode.__file__).parent), cpus=os.cpu_count(),
+         threads=torch.get_num_threads())
+    for setting in args.settings:
+        for batch in args.batches:
+            emit(kind="stage", **stage_cost(batch, setting, args.repeats))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6144)
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 12])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--stage", action="store_true", help="the decode stage on CPU tensors (no GPU needed)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--settings", nargs="+", default=["small", "imagenet"], choices=sorted(STAGE_IMAGES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for --stage")
+    parser.add_argument("--code", nargs="+", help="--stage: the harness trees to measure (default: this one)")
     args = parser.parse_args()
+    if args.stage:
+        stage_main(args)
+        return
     torch.backends.cudnn.benchmark = True
     emit(kind="env", torch=torch.__version__, gpu=torch.cuda.get_device_name(), cpus=os.cpu_count(), images=args.images)
     decode_ms: list[float] = []
