@@ -41,7 +41,8 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int = 3) -> Path:
+def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int = 3,
+         rank_files: Optional[Callable[[Path], None]] = None) -> Path:
     """Save under ``tag``, atomically; every rank must call it (each writes its ZeRO partitions).
 
     The checkpoint is written as ``<tag>.partial`` and published, by a rename and the
@@ -49,12 +50,19 @@ def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int 
     every file's size and checksum in its manifest (``harness.manifest``, verified on resume).
     A crash or a kill during the save leaves the previous checkpoint as ``latest``. Then all
     but the newest ``keep`` checkpoints and the best (``state['best_tag']``) are removed.
+    ``rank_files(folder)``, if given, writes this rank's own further files into the checkpoint
+    (the student EMA's partition, ``harness.ema``) before the manifest records them.
     """
     root = checkpoint_dir(output)
     partial = f"{tag}.partial"
     rank = dist.get_rank() if dist.is_initialized() else 0
-    error = _attempt(lambda: engine.save_checkpoint(str(root), tag=partial, client_state={"harness": state},
-                                                    save_latest=False), root)
+    def write() -> None:
+        engine.save_checkpoint(str(root), tag=partial, client_state={"harness": state}, save_latest=False)
+        if rank_files is not None:
+            (root / partial).mkdir(parents=True, exist_ok=True)
+            rank_files(root / partial)
+
+    error = _attempt(write, root)
     # every rank calls _agree twice: the second also carries the manifest's fate on rank 0
     if _agree(error is None, engine.device) and rank == 0:
         error = _attempt(lambda: manifest.write(root / partial), root)  # every rank's files are complete now

@@ -6,9 +6,12 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 import torch
+
+if TYPE_CHECKING:
+    from harness.tracking import Tracking
 
 
 def memory_gb(device: torch.device) -> float:
@@ -19,10 +22,15 @@ def memory_gb(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """Appends one JSON record per line; only the main process writes."""
+    """Appends one JSON record per line, and sends it to ``tracking``; only the main process writes.
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    The tracking opens at the first record: a ``resume`` record (the first a resumed run writes)
+    restarts it after the checkpoint's step, anything else from step 0 (see harness/tracking.py).
+    """
+
+    def __init__(self, path: Path, enabled: bool, tracking: Optional["Tracking"] = None):
+        self.path, self.enabled, self.tracking = path, enabled, tracking if enabled else None
+        self._opened = False
 
     def write(self, kind: str, **fields: Any) -> None:
         if not self.enabled:
@@ -30,6 +38,16 @@ class MetricsLog:
         record = {"kind": kind, "time": round(time.time(), 3), **fields}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracking is not None:
+            if not self._opened:
+                self.tracking.open(fields["step"] + 1 if kind == "resume" else 0)
+                self._opened = True
+            self.tracking.log(kind, fields)
+
+    def close(self) -> None:
+        """Flush the tracking (it also closes itself at exit)."""
+        if self.tracking is not None:
+            self.tracking.close()
 
 
 def _duration(seconds: float) -> str:
@@ -84,6 +102,9 @@ def summary_table(summary: dict[str, Any]) -> str:
             rows.append((f"teacher {name} (as loaded)", f"{m['loaded_top1']:.4f}", ""))
     rows.append((f"student ({summary['student_path']})", f"{summary['student']['top1']:.4f}",
                  f"{summary['student']['top5']:.4f}"))
+    if "student_ema" in summary:
+        ema = summary["student_ema"]
+        rows.append(("student EMA", f"{ema['top1']:.4f}", f"{ema['top5']:.4f}"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{a:<{width}}  {b:>7}  {c:>7}" for a, b, c in rows]
     lines.insert(1, "-" * len(lines[0]))

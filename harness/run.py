@@ -25,11 +25,13 @@ from harness import checkpoint
 from harness.build import build_method, check_model_files
 from harness.data import DataError, Position, build_loaders, plan_data
 from harness.distributed import Runtime, all_gather_objects, all_reduce, broadcast_buffers, init_runtime, shutdown
+from harness.ema import EmaView, StudentEma, maybe_ema
 from harness.engine import base_optimizer, build_engine, two_pass_bias_step
 from harness.evaluation import evaluate
 from harness.export import full_state_dict, save_student, student_config
 from harness.guard import NonFiniteGuard, NonFiniteLoss
 from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
+from harness.tracking import check_trackers, tracking_for
 from harness.models import ModelError
 from harness.optim import LRSchedule, bias_optimizer, build_optimizer, peak_lr, set_lr, set_teachers_trainable
 from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
@@ -160,6 +162,7 @@ def preflight(recipe: Recipe, args: argparse.Namespace) -> Optional[Path]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as init_runtime will choose
     plan_data(recipe, world_size, device, recipe.runtime.grad_accum)
     check_model_files(recipe)
+    check_trackers(recipe.runtime.trackers)
     return resume_from
 
 
@@ -200,27 +203,29 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
     if rt.is_main:  # only now: a run refused while its models or data were built leaves nothing behind
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(to_yaml(recipe))
-    log = MetricsLog(out / "metrics.jsonl", rt.is_main)
+    log = MetricsLog(out / "metrics.jsonl", rt.is_main, tracking_for(recipe, rt.is_main))
     global_batch = d.batch_size * rt.world_size * rr.grad_accum
     optimizer = build_optimizer(distiller.param_groups(), recipe.optim, m.anchor_weight)
     two_pass = m.name == "atsc" and m.bias_step == "two_pass"
     bias_opt = bias_optimizer(distiller.bias_parameters(), recipe.optim) if two_pass else None
     engine = build_engine(distiller, optimizer, rt, d.batch_size, rr.grad_accum, recipe.optim.grad_clip, rr.compile)
     inner = base_optimizer(engine)
+    ema = maybe_ema(distiller.deployed(), rr.zero_stage, rr.ema)  # after the engine: ZeRO-3 has partitioned it
     schedule, lr0 = LRSchedule(recipe.schedule), peak_lr(recipe.optim, global_batch)
-    eval_models = {"student": distiller.deployed(),
+    eval_models = {"student": distiller.deployed(), **({"student_ema": EmaView(ema)} if ema else {}),
                    **{f"{i}:{t.model}": teacher for i, (t, teacher) in enumerate(zip(recipe.teachers, distiller.viewed_teachers()))}}
 
     # --- state: fresh or resumed
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from, bias_opt)
+        load_ema(ema, state, resume_from, rr.zero_stage)
         watchdog.beat(state["step"])  # armed from here: every later stretch without progress is a hang
         state.pop("stopped_by", None)
         log.write("resume", checkpoint=str(resume_from), epoch=state["epoch"], step=state["step"])
     else:
         watchdog.beat(0)
-        loaded = evaluate_split({k: v for k, v in eval_models.items() if k != "student"}, val_loader, rt, d.image_size,
-                                watchdog)
+        loaded = evaluate_split({k: v for k, v in eval_models.items() if not k.startswith("student")}, val_loader, rt,
+                                d.image_size, watchdog)
         state = {"epoch": 0, "step": 0, "position": None, "adapting": False, "teachers_loaded": loaded,
                  "best_top1": 0.0, "last_eval": None}
         if loaded:
@@ -238,7 +243,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
                          f"costs step time ({'up to 3-4x' if rr.zero_stage == 3 else 'a few %'}, README 'Step overhead'): "
                          f"`runtime.zero_stage: 0` is the fast path on one device")
     loop = Loop(engine, distiller, inner, bias_opt, train_loader, schedule, lr0, recipe, rt, log, progress, out,
-                steps_per_epoch, args.stop_after_steps, signals, watchdog)
+                steps_per_epoch, args.stop_after_steps, signals, watchdog, ema)
     epochs_run = 0
     for epoch in range(state["epoch"], recipe.schedule.epochs):
         if m.name == "atsc" and epoch >= m.adapt_after and not state["adapting"]:
@@ -256,7 +261,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
         epochs_run += 1
         last = epoch + 1 == recipe.schedule.epochs
         if last or (epoch + 1) % rr.eval_every == 0:
-            broadcast_buffers(distiller)
+            sync_buffers(distiller, ema)
             results = evaluate_split(eval_models, val_loader, rt, d.image_size, watchdog)
             state["last_eval"] = results
             if results["student"]["top1"] > state["best_top1"]:
@@ -271,20 +276,31 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
             return state
 
     # --- final evaluation, export, summary
-    broadcast_buffers(distiller)
+    sync_buffers(distiller, ema)
     results = state["last_eval"] or evaluate_split(eval_models, val_loader, rt, d.image_size, watchdog)
     student_state = full_state_dict(distiller.deployed(), rr.zero_stage)
+    ema_state = None
+    if ema is not None:
+        with ema.applied():
+            ema_state = full_state_dict(distiller.deployed(), rr.zero_stage)
     summary = {
         "recipe": recipe.name, "method": m.name, "world_size": rt.world_size,
         "student": results["student"], "student_path": "shared classifier" if m.name in ("simkd", "atsc") else "own head",
-        "teachers": {k: {**v, "loaded_top1": state["teachers_loaded"][k]["top1"]} for k, v in results.items() if k != "student"},
+        "teachers": {k: {**v, "loaded_top1": state["teachers_loaded"][k]["top1"]} for k, v in results.items()
+                     if not k.startswith("student")},
         "images_per_s": loop.images_per_s, "wall_time_s": time.time() - wall_start, "epochs": recipe.schedule.epochs,
         "global_batch": global_batch,
     }
+    if ema is not None:
+        summary["student_ema"] = results["student_ema"]
     if rt.is_main:
         save_student(student_state, student_config(distiller, recipe, pre), out / "student.safetensors")
+        if ema_state is not None:
+            save_student(ema_state, {**student_config(distiller, recipe, pre), "ema": rr.ema.model_dump()},
+                         out / "student-ema.safetensors")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         progress.message(summary_table(summary))
+    log.close()  # event files and tracker runs complete (a run stopped early closes them at exit)
     return state
 
 
@@ -293,21 +309,30 @@ class Loop:
 
     def __init__(self, engine, distiller, inner, bias_opt, loader, schedule: LRSchedule, lr0: float, recipe: Recipe,
                  rt: Runtime, log: MetricsLog, progress: Progress, out: Path, steps_per_epoch: int,
-                 stop_after_steps: Optional[int], signals: StopSignals, watchdog: Watchdog):
+                 stop_after_steps: Optional[int], signals: StopSignals, watchdog: Watchdog,
+                 ema: Optional[StudentEma] = None):
         self.engine, self.distiller, self.inner, self.bias_opt = engine, distiller, inner, bias_opt
         self.loader, self.schedule, self.lr0, self.recipe, self.rt = loader, schedule, lr0, recipe, rt
         self.log, self.progress, self.out = log, progress, out
         self.steps_per_epoch, self.stop_at = steps_per_epoch, None
-        self.stop_after_steps, self.signals, self.watchdog = stop_after_steps, signals, watchdog
+        self.stop_after_steps, self.signals, self.watchdog, self.ema = stop_after_steps, signals, watchdog, ema
         self.images_per_s = math.nan
         self.guard = NonFiniteGuard(distiller, [inner] + ([bias_opt] if bias_opt is not None else []), rt.device)
+        self.teacher_names = [f"{i}:{t.model}" for i, t in enumerate(recipe.teachers)]  # as evaluations name them
         self.skipped_seen = 0  # the guard's count already added to the run's state
 
     def save(self, state: dict, tag: str) -> None:
         if self.bias_opt is not None:
             state["bias_optimizer"] = self.bias_opt.state_dict()
         self.watchdog.beat()  # a save's time is its own: the step before it does not count against it
-        checkpoint.save(self.engine, self.out, tag, state, keep=self.recipe.runtime.keep_checkpoints)
+        partitioned = self.ema is not None and self.rt.zero_stage > 0  # each rank writes its part of the EMA
+        if self.ema is not None and not partitioned:
+            state["ema"] = self.ema.state_dict()  # stage 0: whole, in the run state rank 0 writes
+        try:
+            checkpoint.save(self.engine, self.out, tag, state, keep=self.recipe.runtime.keep_checkpoints,
+                            rank_files=self.ema.save_partition if partitioned else None)
+        finally:
+            state.pop("ema", None)
         self.watchdog.beat()
 
     def train_epoch(self, epoch: int, state: dict) -> bool:
@@ -358,21 +383,25 @@ class Loop:
                 continue
             self.guard.stepped()
             state["step"] += 1
+            if self.ema is not None:
+                self.ema.update(state["step"])
             self.watchdog.beat(state["step"])
             if state["step"] % rr.log_every == 0:
                 now = time.perf_counter()
                 totals = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
                 kept = totals.pop("_finite")  # micro-steps not skipped; none: every step was non-finite
                 values = {k: v / kept if kept else math.nan for k, v in totals.items()}
+                extra: dict[str, Any] = {}  # fields that are not one number
                 if self.distiller.adapting and any(g.get("anchor") for g in self.inner.param_groups):
                     values["anchor"] = anchor_value(self.inner, rt)
+                    extra["anchor_dist"] = anchor_distances(self.inner, rt, self.teacher_names)
                 ips = images_per_micro * window_micro / (now - window_start)
                 remaining = epochs * self.steps_per_epoch - state["step"]
                 self.log.write("train", epoch=epoch, step=state["step"], lr=lr, images_per_s=round(ips, 1),
                                data_wait=round(window_wait / (now - window_start), 4),
                                data_skipped=self.loader.position.skipped, steps_skipped=state.get("steps_skipped", 0),
                                memory_gb=round(memory_gb(rt.device), 3),
-                               **{k: round(v, 6) for k, v in values.items()})
+                               **{k: round(v, 6) for k, v in values.items()}, **extra)
                 self.progress.update(state["step"], epoch, epochs, values["loss"], ips,
                                      remaining * rr.grad_accum * (now - window_start) / window_micro)
                 sums, window_micro, window_wait, window_start = {}, 0, 0.0, now
@@ -413,6 +442,39 @@ class Loop:
                 f"and were skipped (limit `runtime.max_nonfinite_steps` = {limit}). The last good checkpoint is "
                 f"{good or '(none yet)'}; lower `optim.lr`, set `optim.grad_clip` or check the data, then continue "
                 f"with --resume{f' {good}' if good else ''}")
+
+
+def sync_buffers(distiller, ema: Optional[StudentEma]) -> None:
+    """Every rank takes rank 0's BatchNorm statistics (and their averages) before an evaluation or export."""
+    broadcast_buffers(distiller)
+    if ema is not None:
+        ema.broadcast_buffers()
+
+
+def load_ema(ema: Optional[StudentEma], state: dict, path: Path, zero_stage: int) -> None:
+    """Restore the student EMA from the checkpoint at ``path`` (stage 0: from its run ``state``)."""
+    whole = state.pop("ema", None)
+    if ema is None:
+        return
+    try:
+        if zero_stage == 0:
+            if whole is None:
+                raise FileNotFoundError(f"checkpoint {path} holds no EMA of the student (saved without `runtime.ema`)")
+            ema.load_state_dict(whole)
+        else:
+            ema.load_partition(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"{e}; resume it without `runtime.ema` (--set runtime.ema=null), or start "
+                                         f"afresh in another directory with --set output=...") from None
+
+
+def anchor_distances(inner, rt: Runtime, names: list[str]) -> dict[str, float]:
+    """||W - W0|| of each teacher's anchored weights (how far adaptation moved it), over all ZeRO partitions."""
+    found = inner.anchor_sq_distances()
+    squares = torch.stack([found.get(k, torch.zeros(())).to(rt.device).float() for k in range(len(names))])
+    if rt.zero_stage > 0:
+        all_reduce(squares)
+    return {name: round(math.sqrt(v), 6) for name, v in zip(names, squares.tolist())}
 
 
 def anchor_value(inner, rt: Runtime) -> float:

@@ -15,9 +15,10 @@ from harness.export import load_student
 
 
 def atsc_recipe(work, digits, teacher, name, zero_stage, **method):
+    # with a student EMA: its partitions are saved, resumed and exported with the rest (harness/ema.py)
     return tiny_recipe(work, digits, name, teachers=[{"model": "test_resnet", "checkpoint": str(teacher)}],
                        method={"name": "atsc", "anchor_weight": 1.0, "adapt_after": 1, **method},
-                       runtime={"log_every": 5, "zero_stage": zero_stage})
+                       runtime={"log_every": 5, "zero_stage": zero_stage, "ema": {"decay": 0.9}})
 
 
 def last_train_record(run_dir: Path) -> dict:
@@ -42,12 +43,20 @@ def test_atsc_learns_with_2_processes(zero_runs, stage):
     assert s["world_size"] == 2 and s["method"] == "atsc"
     assert s["student"]["top1"] > 0.8  # chance is 0.1
     assert s["student"]["samples"] == 359  # every validation image once, none twice
+    assert s["student_ema"]["samples"] == 359 and s["student_ema"]["top1"] > 0.8
     assert set(s["teachers"]["0:test_resnet"]) >= {"top1", "top5", "loaded_top1"}
     record = last_train_record(run)
     assert {"loss", "feature0", "bias0", "anchor", "lr", "images_per_s", "data_wait", "memory_gb"} <= set(record)
     assert record["anchor"] > 0  # teachers adapted and moved away from W0
-    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "student.safetensors", "checkpoints/latest"):
+    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "student.safetensors", "student-ema.safetensors",
+                 "checkpoints/latest"):
         assert (run / name).exists(), name
+    # the EMA is saved in parts, one file per rank, never whole by one rank at stage 3
+    last = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    parts = [torch.load(last / f"ema_rank{r:05d}.pt", weights_only=True) for r in (0, 1)]
+    whole = sum(t.numel() for t in load_file(str(run / "student-ema.safetensors")).values())
+    for part in parts:
+        assert 0 < sum(t.numel() for t in part["shadow"].values()) < (0.75 if stage == 3 else 1) * whole
 
 
 def train_records(run_dir: Path) -> dict[int, dict]:
@@ -99,11 +108,12 @@ def test_resume_mid_run_gives_the_same_final_weights(work, digits, teacher, zero
     assert again.returncode != 0 and "pass --resume" in again.stderr
     second = launch([str(recipe), "--resume"], cwd=work, processes=2)
     assert second.returncode == 0
-    resumed = load_file(str(work / name / "student.safetensors"))
-    straight = load_file(str(zero_runs[stage] / "student.safetensors"))
-    assert resumed.keys() == straight.keys()
-    for key in straight:
-        assert torch.allclose(resumed[key], straight[key], atol=1e-6), key
+    for file in ("student.safetensors", "student-ema.safetensors"):
+        resumed = load_file(str(work / name / file))
+        straight = load_file(str(zero_runs[stage] / file))
+        assert resumed.keys() == straight.keys()
+        for key in straight:
+            assert torch.allclose(resumed[key], straight[key], atol=1e-6), (file, key)
 
 
 def test_exported_student_reproduces_the_evaluation(zero_runs, digits):

@@ -1,0 +1,202 @@
+"""An exponential moving average (EMA) of the deployed student, at every ZeRO stage.
+
+The average covers what is deployed: the student backbone, its projectors and the shared
+teacher classifiers (``Distiller.deployed()``), parameters and floating-point buffers (BatchNorm
+statistics), with timm's ``ModelEmaV3`` rule (:meth:`StudentEma.decay_at`, tested against
+timm's own). timm's class keeps a deep copy of the model, which cannot follow ZeRO-3's
+partitioned parameters, so the averaged tensors here are what the rank holds of each
+parameter:
+
+* stages 0-2: the whole parameter (every rank holds it whole there), one copy per rank;
+* stage 3: the rank's partition (``param.ds_tensor``), so no rank ever holds a whole copy
+  (buffers, which ZeRO never partitions, are averaged whole).
+
+The average is never a module of its own: :meth:`StudentEma.applied` copies the averages into
+the live tensors, runs the caller's code (an evaluation batch, an export) and copies the
+weights back bit for bit, so evaluation, ZeRO-3's gathering and the export work on it as on the
+student. :class:`EmaView` does that per forward, so the EMA is one more model of an evaluation.
+
+Checkpoints: at stage 0 the averages travel in the run state (rank 0 writes it); at stages 1-3
+each rank writes its part beside its optimizer partition (``ema_rank<r>.pt``): at stage 3 its
+partitions, at stages 1-2 every ``world_size``-th tensor. A resume continues the average exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _partitioned(param: nn.Parameter, zero_stage: int) -> bool:
+    return zero_stage == 3 and getattr(param, "ds_tensor", None) is not None
+
+
+def _live_tensor(param: nn.Parameter, zero_stage: int) -> torch.Tensor:
+    """The tensor this rank averages for ``param``: its ZeRO-3 partition, or the parameter itself."""
+    return param.ds_tensor.data if _partitioned(param, zero_stage) else param.data
+
+
+def _gather_whole(params: list[nn.Parameter], partitions: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The whole tensors of ZeRO-3 ``params`` from every rank's ``partitions`` of them, in one collective.
+
+    DeepSpeed's layout: rank r holds elements [r * n, (r + 1) * n) of the flattened parameter,
+    n = ``ds_tensor.numel()``, the last rank's padded.
+    """
+    flat = torch.cat([t.reshape(-1) for t in partitions])
+    world = dist.get_world_size()
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    by_rank = torch.stack(gathered)  # (world, sum of partition sizes)
+    whole, offset = [], 0
+    for p, part in zip(params, partitions):
+        n = part.numel()
+        whole.append(by_rank[:, offset:offset + n].reshape(-1)[:p.ds_numel].view(p.ds_shape))
+        offset += n
+    return whole
+
+
+class StudentEma:
+    """EMA of ``module``'s parameters and floating-point buffers (timm ``ModelEmaV3``'s rule).
+
+    ``update(step)`` is called after each optimizer step with the step count (1 after the first
+    step), as timm's train.py calls ``ModelEmaV3.update(model, step=num_updates)``.
+    """
+
+    FILE = "ema_rank{rank:05d}.pt"
+
+    def __init__(self, module: nn.Module, zero_stage: int, decay: float = 0.9998, warmup: bool = False,
+                 warmup_gamma: float = 1.0, warmup_power: float = 2 / 3, update_after: int = 0, every: int = 1):
+        self.module, self.zero_stage = module, zero_stage
+        self.decay, self.warmup, self.warmup_gamma, self.warmup_power = decay, warmup, warmup_gamma, warmup_power
+        self.update_after, self.every = update_after, every
+        self.n_buffers = sum(1 for b in module.buffers() if b.is_floating_point())
+        with torch.no_grad():
+            self.shadow: list[torch.Tensor] = [t.detach().clone() for t in self.live()]
+
+    def live(self) -> list[torch.Tensor]:
+        """The tensors averaged, looked up afresh: DeepSpeed may re-point them (a checkpoint load)."""
+        params = [_live_tensor(p, self.zero_stage) for p in self.module.parameters()]
+        return params + [b for b in self.module.buffers() if b.is_floating_point()]
+
+    @classmethod
+    def from_recipe(cls, module: nn.Module, zero_stage: int, cfg) -> "StudentEma":
+        """From a recipe's ``runtime.ema`` section (``harness.recipe.Ema``)."""
+        return cls(module, zero_stage, decay=cfg.decay, warmup=cfg.warmup, warmup_gamma=cfg.warmup_gamma,
+                   warmup_power=cfg.warmup_power, update_after=cfg.update_after, every=cfg.every)
+
+    def decay_at(self, step: int) -> float:
+        """The decay of the update after optimizer step ``step``: timm ``ModelEmaV3.get_decay``.
+
+        0 (a plain copy) up to ``update_after`` + 1; then ``decay``, or with ``warmup``
+        ``min(decay, 1 - (1 + n / warmup_gamma) ** -warmup_power)``, n counted from there.
+        """
+        n = max(0, step - self.update_after - 1)
+        if n <= 0:
+            return 0.0
+        if self.warmup:
+            return max(min(1 - (1 + n / self.warmup_gamma) ** -self.warmup_power, self.decay), 0.0)
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Average the current weights in, after optimizer step ``step`` (every ``every``-th step)."""
+        if step % self.every:
+            return
+        torch._foreach_lerp_(self.shadow, self.live(), 1.0 - self.decay_at(step))
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Within the block the module holds the averages; afterwards its own weights again, bit for bit."""
+        live, shadow = self.live(), list(self.shadow)
+        # ZeRO-3 keeps small parameters (``ds_persist``) gathered whole between steps: a forward reads
+        # those whole, not their partitions, so they get the whole average
+        persistent = [i for i, p in enumerate(self.module.parameters())
+                      if _partitioned(p, self.zero_stage) and getattr(p, "ds_persist", False)]
+        if persistent:
+            params = list(self.module.parameters())
+            whole = _gather_whole([params[i] for i in persistent], [shadow[i] for i in persistent])
+            for i, tensor in zip(persistent, whole):
+                live[i], shadow[i] = params[i].data, tensor
+        with torch.no_grad():
+            saved = [t.clone() for t in live]
+            torch._foreach_copy_(live, shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(live, saved)
+
+    def broadcast_buffers(self) -> None:
+        """Give every rank rank 0's averaged buffers, as ``broadcast_buffers`` does for the student's."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            for shadow in self.shadow[len(self.shadow) - self.n_buffers:]:
+                dist.broadcast(shadow, src=0)
+
+    # --- checkpoints
+
+    def state_dict(self) -> dict:
+        """All averages, on the CPU (stage 0: rank 0 saves it in the run state)."""
+        return {"shadow": [t.detach().cpu() for t in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        shadow = state["shadow"]
+        if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow)):
+            raise ValueError("the checkpoint's EMA does not match this run's deployed student")
+        with torch.no_grad():
+            torch._foreach_copy_(self.shadow, [t.to(s.device) for t, s in zip(shadow, self.shadow)])
+
+    def save_partition(self, folder: Path) -> None:
+        """Stages 1-3: this rank's part of the averages into ``folder`` (every rank calls it)."""
+        rank, world = _rank_world()
+        mine = range(len(self.shadow)) if self.zero_stage == 3 else range(rank, len(self.shadow), world)
+        torch.save({"count": len(self.shadow), "shadow": {i: self.shadow[i].detach().cpu() for i in mine}},
+                   Path(folder) / self.FILE.format(rank=rank))
+
+    def load_partition(self, folder: Path) -> None:
+        """Stages 1-3: this rank's averages from ``folder``, as :meth:`save_partition` wrote them."""
+        rank, world = _rank_world()
+        sources = [rank] if self.zero_stage == 3 else range(world)
+        found: dict[int, torch.Tensor] = {}
+        for r in sources:
+            path = Path(folder) / self.FILE.format(rank=r)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: the checkpoint holds no EMA of the student for rank {r} "
+                                        f"(saved without `runtime.ema`)")
+            part = torch.load(path, map_location="cpu", weights_only=True)
+            found.update(part["shadow"])
+        self.load_state_dict({"shadow": [found[i] for i in range(len(self.shadow))]})
+
+
+class EmaView(nn.Module):
+    """The deployed student with its EMA weights, as a model to evaluate beside the student.
+
+    Each forward runs the student's module with the averages copied in (``StudentEma.applied``);
+    the module is not registered here, so it is not owned twice.
+    """
+
+    def __init__(self, ema: StudentEma):
+        super().__init__()
+        self.ema = ema
+
+    def train(self, mode: bool = True) -> "EmaView":
+        self.ema.module.train(mode)
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.ema.applied():
+            return self.ema.module(x)
+
+
+def maybe_ema(module: nn.Module, zero_stage: int, cfg) -> Optional[StudentEma]:
+    """The run's EMA if the recipe asks for one (``runtime.ema``), else None."""
+    return None if cfg is None else StudentEma.from_recipe(module, zero_stage, cfg)
