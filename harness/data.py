@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys
 
+from harness.augment import BatchAugment, batch_seed, sample_policy
 from harness.gpu_decode import DeferredDecode, DeviceDecode, Encoded  # noqa: F401 (Encoded: re-exported)
 from harness.shm_batches import PooledBatch
 from harness.tarstream import TarFormatError, tar_members
@@ -471,8 +472,11 @@ class EpochLoader:
     """
 
     def __init__(self, stream: ShardStream, workers: int, pin_memory: bool, pre: Preprocess,
-                 device: torch.device | str = "cpu", multiple_of: int = 1, shards: Optional[Shards] = None):
+                 device: torch.device | str = "cpu", multiple_of: int = 1, shards: Optional[Shards] = None,
+                 augment: Optional[BatchAugment] = None):
         self.stream, self.multiple_of, self.pre, self.device = stream, multiple_of, pre, torch.device(device)
+        # random erasing and Mixup/CutMix (training only): on the batch as it arrives, either data path
+        self.augment = augment
         self.shards = shards or Shards(",".join(stream.urls), list(stream.urls))  # what it reads, for checks
         stream.workers = max(workers, 1)
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
@@ -499,6 +503,8 @@ class EpochLoader:
             batches = itertools.islice(itertools.chain(batches, self._top_up()), max(limit - self.position.batches, 0))
         # the position advances as a batch is handed to the trainer, not when it is prefetched
         for x, y, (worker, emitted, skipped) in self._on_device(batches):
+            if self.augment is not None:  # seeded by the batch's place in the run: a resume replays it
+                x, y = self.augment(x, y, batch_seed(self.stream.seed, epoch, self.position.batches, self.stream.rank))
             self.position.batches += 1
             if worker >= 0:
                 self.position.emitted[worker] = emitted
@@ -518,16 +524,18 @@ class EpochLoader:
         yield from self.stream.extra_batches()
 
 
-def decode_on(setting: str, device: torch.device, augment: str = "rrc") -> str:
+def decode_on(setting: str, device: torch.device, augment: str = "rrc", pixels: bool = False) -> str:
     """`data.decode` resolved for this process's device and `data.augment.kind`: "cpu" or "gpu".
 
     ``auto`` is the CPU path for the ``cifar`` augmentation: its small images (CIFAR's 32 px
-    PNGs) decode in microseconds in the workers, so there is nothing to move to the GPU. An
+    PNGs) decode in microseconds in the workers, so there is nothing to move to the GPU; and
+    with per-sample PIL policies (``pixels``: auto-augment, colour jitter), which need the
+    decoded image in a worker (recipe validation refuses them with an explicit "gpu"). An
     explicit "gpu" without CUDA is an error rather than a quiet fallback: a run (or a
     benchmark) asked for one data path and must not measure the other.
     """
     if setting == "auto":
-        return "gpu" if device.type == "cuda" and augment != "cifar" else "cpu"
+        return "gpu" if device.type == "cuda" and augment != "cifar" and not pixels else "cpu"
     if setting == "gpu" and device.type != "cuda":
         raise DataError(f"`data.decode: gpu` decodes with nvJPEG on a CUDA device, but this process runs on "
                         f"{device.type}; set `data.decode` to `auto` or `cpu`")
@@ -570,7 +578,7 @@ def plan_data(recipe, world_size: int, device: torch.device, grad_accum: int = 1
         raise DataError(f"{sum(lengths.values())} train samples give no full optimizer step of {grad_accum} batch(es) "
                         f"of {d.batch_size} per loader worker on {world_size} rank(s); lower `data.batch_size`, "
                         f"`data.workers` or `runtime.grad_accum`")
-    return DataPlan(train, val, lengths, decode_on(d.decode, device, d.augment.kind))
+    return DataPlan(train, val, lengths, decode_on(d.decode, device, d.augment.kind, bool(d.augment.per_sample_pixels)))
 
 
 def build_loaders(recipe, pre: Preprocess, rank: int, world_size: int, device: torch.device,
@@ -588,14 +596,16 @@ def build_loaders(recipe, pre: Preprocess, rank: int, world_size: int, device: t
     crop = (a.crop_scale, a.crop_ratio, a.hflip)
     if plan.decode == "gpu":
         train_tf, val_tf = DeferredDecode(pre, crop, a.kind, a.padding), DeferredDecode(pre, kind=a.kind)
-    elif a.kind == "cifar":
-        train_tf, val_tf = cifar_train_transform(pre, a.padding, a.hflip), eval_transform(pre)
     else:
-        train_tf, val_tf = train_transform(pre, *crop), eval_transform(pre)
+        policy = sample_policy(pre.image_size, pre.mean, a.auto_augment, a.color_jitter)
+        train_tf = (cifar_train_transform(pre, a.padding, a.hflip, policy) if a.kind == "cifar"
+                    else train_transform(pre, *crop, policy))
+        val_tf = eval_transform(pre)
     train = ShardStream(plan.train.urls, train_tf, d.num_classes, d.batch_size, train=True, seed=seed, rank=rank,
                         world_size=world_size, shuffle_buffer=d.shuffle_buffer, lengths=plan.lengths)
     val = ShardStream(plan.val.urls, val_tf, d.num_classes, d.batch_size, train=False,
                       rank=rank, world_size=world_size)
     pin_memory = device.type == "cuda"
-    train_loader = EpochLoader(train, d.workers, pin_memory, pre, device, multiple_of=grad_accum)
+    augment = BatchAugment(a, d.num_classes, device) if BatchAugment.wanted(a) else None
+    train_loader = EpochLoader(train, d.workers, pin_memory, pre, device, multiple_of=grad_accum, augment=augment)
     return train_loader, EpochLoader(val, d.workers, pin_memory, pre, device, shards=plan.val)

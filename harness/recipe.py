@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -35,6 +35,31 @@ class Augment(_Section):
     crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="rrc: RandomResizedCrop aspect range")
     padding: int = Field(4, ge=0, description="cifar: zero padding on each side, in pixels, before the random crop")
     hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    # Beyond the crop and flip: timm's augmentations (harness/augment.py). Off by default, and off the run is unchanged.
+    auto_augment: Optional[str] = Field(None, description="per-sample policy after the crop and flip, in timm's strings: 'rand-m9-mstd0.5-inc1' (RandAugment), 'original' / 'v0' (AutoAugment), 'augmix-m5-w4-d2' (AugMix), or 'trivialaugment' (torchvision's TrivialAugmentWide; timm has none); CPU data path only (`data.decode: auto` then decodes on the CPU); null: none")
+    color_jitter: float = Field(0.0, ge=0, description="colour jitter after the policy: brightness, contrast and saturation factors drawn from [1 - v, 1 + v] (timm's scalar `--color-jitter`, e.g. 0.4; torchvision's ColorJitter); CPU data path only; 0: none")
+    erase_prob: float = Field(0.0, ge=0, le=1, description="random erasing (timm's RandomErasing, `--reprob`): probability per image of erasing rectangles of the normalised batch, in the training process on either data path; 0: none")
+    erase_mode: Literal["const", "rand", "pixel"] = Field("const", description="random erasing fill (`--remode`): const: zeros (the mean colour after normalisation); rand: one normal colour per rectangle; pixel: normal noise per pixel")
+    erase_count: int = Field(1, ge=1, description="random erasing: at most this many rectangles per image, the count drawn from 1..N and the area split among them (`--recount`)")
+    mixup: float = Field(0.0, ge=0, description="Mixup alpha (timm's Mixup, `--mixup`, e.g. 0.8): the batch blended with itself reversed, lam ~ Beta(alpha, alpha), labels become lam * y + (1 - lam) * y reversed (soft targets for every CE term); both data paths; 0: off")
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha (`--cutmix`, e.g. 1.0): a box of the reversed batch pasted in, labels mixed by its area; with `mixup` too, one of the two per batch (`mixup_switch_prob`); 0: off")
+    mixup_prob: float = Field(1.0, ge=0, le=1, description="probability that Mixup/CutMix is applied to a batch (or element, per `mixup_mode`) (`--mixup-prob`)")
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="with `mixup` and `cutmix` both on, probability of CutMix instead of Mixup (`--mixup-switch-prob`)")
+    mixup_mode: Literal["batch", "pair", "elem"] = Field("batch", description="Mixup/CutMix parameters drawn once per batch, per pair of elements, or per element (`--mixup-mode`)")
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _policy_known(cls, policy: Optional[str]) -> Optional[str]:
+        if policy:
+            from harness.augment import auto_augment_op  # local: timm is imported only when a policy is set
+
+            auto_augment_op(policy, 224, (0.5, 0.5, 0.5))  # ValueError naming the accepted forms
+        return policy or None
+
+    @property
+    def per_sample_pixels(self) -> list[str]:
+        """The keys set that need the decoded image in a loader worker (the CPU data path)."""
+        return [k for k, on in (("auto_augment", bool(self.auto_augment)), ("color_jitter", self.color_jitter > 0)) if on]
 
 
 class Data(_Section):
@@ -49,8 +74,20 @@ class Data(_Section):
     workers: int = Field(4, ge=0, description="loader worker processes per device")
     shuffle_buffer: int = Field(5000, ge=0, description="samples mixed within a worker before batching")
     train_samples: Optional[int] = Field(None, gt=0, description="train set size; null: read from the shards' _info.json")
-    decode: Literal["auto", "cpu", "gpu"] = Field("auto", description="where images are decoded: cpu: in the loader workers (PIL); gpu: batched nvJPEG in the training process, workers only read headers and draw crops (needs CUDA); non-JPEG images are decoded in the workers and sent as pixels; auto: gpu on CUDA devices unless `augment.kind` is cifar, else cpu")
+    decode: Literal["auto", "cpu", "gpu"] = Field("auto", description="where images are decoded: cpu: in the loader workers (PIL); gpu: batched nvJPEG in the training process, workers only read headers and draw crops (needs CUDA); non-JPEG images are decoded in the workers and sent as pixels; auto: gpu on CUDA devices unless `augment.kind` is cifar or `augment.auto_augment` / `color_jitter` is set, else cpu")
     augment: Augment = Field(default_factory=Augment)
+
+    def check_augment(self) -> None:
+        """Refuse augmentation the chosen data path cannot run (called by :class:`Recipe`, so messages name no section)."""
+        pixels = self.augment.per_sample_pixels
+        if pixels and self.decode == "gpu":
+            keys = " and ".join(f"`data.augment.{k}`" for k in pixels)
+            raise ValueError(f"{keys} transform each decoded image in the loader workers, but with `data.decode: gpu` "
+                             f"the workers only read JPEG headers and the pixels exist only on the GPU; set "
+                             f"`data.decode: cpu` (or `auto`, which then decodes on the CPU), or remove {keys}")
+        if (self.augment.mixup > 0 or self.augment.cutmix > 0) and self.batch_size % 2:
+            raise ValueError(f"Mixup/CutMix (`data.augment.mixup`, `cutmix`) pair each image with its mirror in the "
+                             f"batch and need an even `data.batch_size`, not {self.batch_size}")
 
 
 class Student(_Section):
@@ -164,6 +201,11 @@ class Recipe(_Section):
         if isinstance(augment, dict) and augment.get("kind") == "cifar" and data.get("crop_pct") is None:
             tree = {**tree, "data": {**data, "crop_pct": 1.0}}
         return tree
+
+    @model_validator(mode="after")
+    def _augment_fits(self) -> "Recipe":
+        self.data.check_augment()
+        return self
 
     @model_validator(mode="after")
     def _method_fits(self) -> "Recipe":

@@ -9,7 +9,9 @@ uninterrupted one, and the GPU path (:mod:`harness.gpu_decode`) draws the very s
 Two augmentations (``data.augment.kind``): ``rrc``, torchvision's RandomResizedCrop and flip
 (:func:`train_transform`, evaluated by :func:`eval_transform`'s resize and center crop), and
 ``cifar``, the CIFAR literature's zero-pad and random crop and flip (:func:`cifar_train_transform`;
-evaluated by :func:`eval_transform` at ``crop_pct`` 1: a 32 px image as it is).
+evaluated by :func:`eval_transform` at ``crop_pct`` 1: a 32 px image as it is). Either may end
+in per-sample policies (auto-augment, colour jitter: :mod:`harness.augment`), which draw after
+the crop, so a sample's crop stays the same with them.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import logging
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -40,12 +42,17 @@ class Preprocess:
     std: tuple[float, float, float]
 
 
-def train_transform(pre: Preprocess, scale: Sequence[float], ratio: Sequence[float], hflip: float) -> T.Compose:
-    """RandomResizedCrop, horizontal flip, uint8 CHW tensor: torchvision's, ending in :func:`pil_to_chw`."""
+def train_transform(pre: Preprocess, scale: Sequence[float], ratio: Sequence[float], hflip: float,
+                    policy: Sequence[Callable] = ()) -> T.Compose:
+    """RandomResizedCrop, horizontal flip, uint8 CHW tensor: torchvision's, ending in :func:`pil_to_chw`.
+
+    ``policy``: per-sample PIL ops after the flip (:func:`harness.augment.sample_policy`); they
+    draw after the crop, so the crop and flip are the same with or without them.
+    """
     ops = [T.RandomResizedCrop(pre.image_size, scale=tuple(scale), ratio=tuple(ratio), antialias=True)]
     if hflip > 0:
         ops.append(T.RandomHorizontalFlip(hflip))
-    return T.Compose(ops + [pil_to_chw])
+    return T.Compose(ops + list(policy) + [pil_to_chw])
 
 
 class PadCrop:
@@ -81,12 +88,15 @@ def resized_size(height: int, width: int, side: int) -> tuple[int, int]:
     return (side, new_long) if height <= width else (new_long, side)
 
 
-def cifar_train_transform(pre: Preprocess, padding: int, hflip: float) -> T.Compose:
-    """The CIFAR augmentation: shorter side to ``image_size`` (a no-op for 32 px images at 32), pad, crop, flip."""
+def cifar_train_transform(pre: Preprocess, padding: int, hflip: float, policy: Sequence[Callable] = ()) -> T.Compose:
+    """The CIFAR augmentation: shorter side to ``image_size`` (a no-op for 32 px images at 32), pad, crop, flip.
+
+    ``policy``: per-sample PIL ops after the flip, as in :func:`train_transform`.
+    """
     ops = [T.Resize(pre.image_size, antialias=True), PadCrop(pre.image_size, padding)]
     if hflip > 0:
         ops.append(T.RandomHorizontalFlip(hflip))
-    return T.Compose(ops + [pil_to_chw])
+    return T.Compose(ops + list(policy) + [pil_to_chw])
 
 
 def pil_to_chw(image: Image.Image) -> torch.Tensor:
