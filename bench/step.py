@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.build import build_method  # noqa: E402
 from harness.distributed import init_runtime  # noqa: E402
+from harness.ema import StudentEma  # noqa: E402
 from harness.engine import base_optimizer, build_engine  # noqa: E402
 from harness.zero import deepspeed_config  # noqa: E402
 from harness.guard import NonFiniteGuard  # noqa: E402
@@ -64,7 +65,8 @@ def recipe_for(args: argparse.Namespace, stage: int, adapted: bool) -> Recipe:
         "method": {"name": "atsc" if adapted else "simkd"},
         "optim": {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4},
         "schedule": {"epochs": 1},
-        "runtime": {"zero_stage": stage, "precision": args.precision, "compile": args.compile},
+        "runtime": {"zero_stage": stage, "precision": args.precision, "compile": args.compile,
+                    "ema": {"decay": args.ema} if args.ema else None},
     })
 
 
@@ -109,6 +111,8 @@ class HarnessStep:
         self.seed, self.log_every, self.steps = recipe.runtime.seed, recipe.runtime.log_every, 0
         self.guard = NonFiniteGuard(self.distiller, [self.inner], rt.device)
         self.sums: dict[str, torch.Tensor] = {}
+        ema = recipe.runtime.ema
+        self.ema = StudentEma.from_recipe(self.distiller.deployed(), rt.zero_stage, ema) if ema else None
 
     def __call__(self) -> None:
         torch.manual_seed(hash((self.seed, 0, self.steps, self.rt.rank)) & 0xFFFFFFFF)
@@ -123,6 +127,8 @@ class HarnessStep:
             self.sums[k] = self.sums.get(k, 0) + v.detach().float().nan_to_num(0.0, 0.0, 0.0) * finite
         if boundary:
             self.guard.stepped()
+            if self.ema is not None:
+                self.ema.update(self.steps + 1)
         self.steps += 1
 
 
@@ -263,7 +269,7 @@ def measure(args: argparse.Namespace, rt, stage: int, adapted: bool) -> None:
     if args.profile:
         profile(harness, "harness", args.profile, device)
         profile(plain, "plain", args.profile, device)
-    record = {"stage": stage, "teacher": "adapted" if adapted else "frozen", "engine": args.engine,
+    record = {"stage": stage, "teacher": "adapted" if adapted else "frozen", "engine": args.engine, "ema": args.ema,
               "device": device.type,
               "precision": "bf16" if rt.bf16 else "fp32", "channels_last": channels_last, "compile": args.compile,
               "plain_img_s": round(ips["plain"], 1), "harness_img_s": round(ips["harness"], 1),
@@ -303,6 +309,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the harness side's engine: the harness's own (build_engine), DeepSpeed at every stage "
                         "with the harness's tuned config, or DeepSpeed as configured before the tuning")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N steps of each side")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="the harness side keeps a student EMA (runtime.ema) at this decay: its cost per step")
     args = p.parse_args(argv)
     args.teacher = args.teacher or ["test_resnet"]
     return args

@@ -21,6 +21,8 @@ a second, and counts, per rank, the bytes of every tensor storage it holds, each
 - buffers: module buffers (BatchNorm running statistics), never partitioned;
 - buckets: DeepSpeed's gradient-reduction buckets (``reduce_bucket_size`` elements, whatever
   the model's size), shown apart;
+- ema: the student EMA (``runtime.ema``, harness/ema.py) of the deployed path, shown apart: what
+  a run with an EMA holds on top of the total (stage 3: the rank's partitions);
 - other: any other live tensor (found by the garbage collector), so nothing escapes the count.
 
 The second measurement is the snapshot: optimizer state exists (from step 1) and gradients
@@ -55,12 +57,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.build import build_method  # noqa: E402
 from harness.distributed import init_runtime, shutdown  # noqa: E402
+from harness.ema import StudentEma  # noqa: E402
 from harness.engine import base_optimizer, build_engine  # noqa: E402
 from harness.optim import build_optimizer, peak_lr, set_lr, set_teachers_trainable  # noqa: E402
 from harness.recipe import Recipe, load_recipe  # noqa: E402
 
 KINDS = ("params", "master", "grads", "optim", "anchor", "buffers")  # model states, in the total
-EXTRA = ("buckets", "other")  # shown, not in the total
+EXTRA = ("buckets", "ema", "other")  # shown, not in the total
 
 
 # ----------------------------------------------------------------------------- counting
@@ -106,7 +109,7 @@ class Ledger:
         return added
 
 
-def measure(engine, distiller, stage: int) -> dict[str, int]:
+def measure(engine, distiller, stage: int, ema: Optional[StudentEma] = None) -> dict[str, int]:
     """The bytes this rank holds now, by kind (see the module docstring)."""
     inner = base_optimizer(engine)
     zero = engine.optimizer if stage > 0 else None
@@ -135,6 +138,8 @@ def measure(engine, distiller, stage: int) -> dict[str, int]:
         ledger.claim("buckets", (t for name, v in attrs.items() if "ipg" in name.lower() or "bucket" in name.lower()
                                  for t in _tensors(v)))
     ledger.claim("buffers", distiller.buffers())
+    if ema is not None:
+        ledger.claim("ema", ema.shadow)
     gc.collect()
     ledger.claim("other", (o for o in gc.get_objects() if isinstance(o, torch.Tensor)))
     return {**ledger.bytes, "params_whole": whole}
@@ -190,6 +195,7 @@ def _rank_main(rank: int, world: int, port: int, stage: int, args: argparse.Name
         optimizer = build_optimizer(distiller.param_groups(), recipe.optim, recipe.method.anchor_weight)
         engine = build_engine(distiller, optimizer, rt, recipe.data.batch_size, 1, None)
         start_adapting(engine, distiller)
+        ema = StudentEma(distiller.deployed(), stage)
         set_lr(base_optimizer(engine).param_groups, peak_lr(recipe.optim, recipe.data.batch_size * world))
         losses = []
         for step in range(2):
@@ -199,8 +205,9 @@ def _rank_main(rank: int, world: int, port: int, stage: int, args: argparse.Name
             losses.append(loss.item())
             del x, y, loss
             if step == 1:
-                snapshot = measure(engine, distiller, stage)
+                snapshot = measure(engine, distiller, stage, ema)
             engine.step()
+            ema.update(step + 1)
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in distiller.parameters() if p.requires_grad)
         Path(out, f"stage{stage}-rank{rank}.json").write_text(
             json.dumps({**snapshot, "losses": losses, "trainable": trainable}))
