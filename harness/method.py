@@ -15,6 +15,12 @@ classifier C_k (weight W_k, bias b_k)::
 The anchor's gradient, ``2 w (W - W0)``, is added by the optimizer to exactly the parameters
 that :meth:`Distiller.param_groups` marks as anchored (multi-dimensional teacher weights), so
 the reference weights live in optimizer state and are partitioned with it under ZeRO.
+
+Labels ``y`` are class indices, or (B, num_classes) probabilities when the batch was mixed
+(``data.augment.mixup`` / ``cutmix``: :mod:`harness.augment`). Every CE term takes either as
+``F.cross_entropy`` does: the supervised and KD terms with ``label_smoothing`` (which smooths
+probability targets exactly as timm's ``mixup_target`` would), the bias step without, so a
+mixed batch changes what each term sees and nothing else. The teachers see the same mixed x.
 """
 from __future__ import annotations
 
@@ -89,7 +95,11 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def bias_only_loss(teacher_pooled: torch.Tensor, classifier: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
-    """CE of the teacher classifier with everything but its bias detached: moves only b_c."""
+    """CE of the teacher classifier with everything but its bias detached: moves only b_c.
+
+    ``labels``: class indices, or a mixed batch's probabilities (Mixup/CutMix), whose CE is what
+    the authors' loss computes on a mixed batch; unsmoothed either way, as the authors' is.
+    """
     logits = F.linear(teacher_pooled.detach().float(), classifier.weight.detach().float(), classifier.bias.float())
     return F.cross_entropy(logits, labels)
 
@@ -318,9 +328,13 @@ class SimKD(Distiller):
         if not self.can_adapt:
             return groups
         biases = {id(p) for p in self.bias_parameters()} if not self.fused_bias else set()
-        teacher_params = [p for t in self.teachers for p in t.parameters() if id(p) not in biases]
-        groups.append({"params": [p for p in teacher_params if p.dim() > 1], "role": "teacher", "anchor": True})
-        groups.append({"params": [p for p in teacher_params if p.dim() <= 1], "role": "teacher", "anchor": False})
+        # Two groups per teacher, tagged with its index: the optimizer tracks each teacher's
+        # distance from W0 on its own (the step is the same as with all teachers in one group).
+        for k, teacher in enumerate(self.teachers):
+            params = [p for p in teacher.parameters() if id(p) not in biases]
+            groups.append({"params": [p for p in params if p.dim() > 1], "role": "teacher", "anchor": True, "teacher": k})
+            groups.append({"params": [p for p in params if p.dim() <= 1], "role": "teacher", "anchor": False,
+                           "teacher": k})
         return groups
 
     def bias_parameters(self) -> list[nn.Parameter]:

@@ -39,8 +39,19 @@ class AnchorMixin:
 
     def anchor_value(self) -> torch.Tensor:
         """w * sum ||p - p0||^2 over this rank's anchored partitions, as of the last tracked step."""
-        terms = list(getattr(self, "_anchor_terms", {}).values())
+        terms = [w * sq for _, w, sq in getattr(self, "_anchor_terms", {}).values()]
         return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def anchor_sq_distances(self) -> dict[int, torch.Tensor]:
+        """Per teacher (its groups' ``teacher`` index), sum ||p - p0||^2 over this rank's anchored partitions.
+
+        Tracked per parameter group, so it holds under ZeRO, which steps one flat partition per
+        group: the sum over ranks is the teacher's squared distance from W0.
+        """
+        sums: dict[int, torch.Tensor] = {}
+        for teacher, _, sq in getattr(self, "_anchor_terms", {}).values():
+            sums[teacher] = sums[teacher] + sq if teacher in sums else sq
+        return sums
 
     @torch.no_grad()
     def _prepare(self, group: dict) -> None:
@@ -60,11 +71,12 @@ class AnchorMixin:
                 # still means a step: anchor and weight decay move it (ATSC.md section 2), as they
                 # do under ZeRO, whose flat partitions hold zeros there. torch would skip it.
                 p.grad = torch.zeros_like(p)
-            if group.get("anchor") and w:
+            if group.get("anchor") and (w or self.track_anchor):
                 diff = p - state["anchor"]
-                if self.track_anchor:
-                    terms[id(p)] = diff.float().pow(2).sum() * w
-                p.grad.add_(diff, alpha=2.0 * w)
+                if self.track_anchor:  # the distance is worth logging even when w is 0 (an ablation)
+                    terms[id(p)] = (group.get("teacher", 0), w, diff.float().pow(2).sum())
+                if w:
+                    p.grad.add_(diff, alpha=2.0 * w)
 
     @torch.no_grad()
     def step(self, closure=None):
