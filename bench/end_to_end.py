@@ -94,6 +94,8 @@ def run(args: argparse.Namespace, recipe_path: Path) -> None:
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "harness" / "run.py"), str(recipe_path)]
     if args.decode:
         cmd += ["--set", f"data.decode={args.decode}"]
+    for assignment in args.set:
+        cmd += ["--set", assignment]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         print(result.stdout[-3000:], result.stderr[-6000:], sep="\n", file=sys.stderr)
@@ -131,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--decode", choices=["cpu", "gpu"], help="passed as --set data.decode=...; omitted: the recipe default")
     p.add_argument("--data", type=Path, help="keep shards and the teacher checkpoint here and reuse them")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override passed on to harness/run.py (repeatable), e.g. data.augment.mixup=0.8")
     return p.parse_args(argv)
 
 
@@ -146,7 +150,7 @@ def main(argv=None) -> int:
         recipe_path = Path(tmp) / "bench-end-to-end.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe(args, shards, teacher, out)))
         emit(kind="env", student=args.student, teacher=args.teacher, size=args.size, batch=args.batch,
-             images=args.images, workers=args.workers, decode=args.decode, zero_stage=args.zero_stage,
+             images=args.images, workers=args.workers, decode=args.decode, zero_stage=args.zero_stage, set=args.set,
              cpus=os.cpu_count(), load_avg=round(os.getloadavg()[0], 2))
         run(args, recipe_path)
         report(out)

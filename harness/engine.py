@@ -51,7 +51,10 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
 
 def two_pass_bias_step(distiller, bias_opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                        rt: Runtime) -> torch.Tensor:
-    """The authors' order: after the main step, a second teacher forward steps only the biases."""
+    """The authors' order: after the main step, a second teacher forward steps only the biases.
+
+    ``y`` is the main step's: class indices, or the mixed soft targets of a Mixup/CutMix batch.
+    """
     params = distiller.bias_parameters()
     with rt.autocast():
         loss = distiller.bias_loss(x, y)
