@@ -4,7 +4,9 @@ Workers do not decode: they read the tar sample, check the label, read the image
 (PIL opens lazily: size and mode without decoding) and draw the crop box and flip with the
 same per-sample seeding and the same torchvision calls as the CPU path, so a sample is cropped
 identically on either path. The batch crosses to the training process still compressed; there
-DeviceDecode decodes it in one batched nvJPEG call, crops, resizes and flips on the GPU.
+DeviceDecode decodes it in one batched nvJPEG call, then crops, resizes and flips the whole
+batch in a fixed number of device operations (:func:`resample`): per-image host work, not the
+GPU, is what limited this path.
 
 What nvJPEG should not see (PNG and other formats, grey, CMYK or palette JPEGs, JPEGs that may
 be truncated) is decoded by PIL in the worker, which ships its RGB pixels instead: exactly the
@@ -15,6 +17,7 @@ Selected by ``data.decode`` (``auto``: on CUDA devices); the CPU path stays the 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import warnings
@@ -23,10 +26,8 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from PIL import Image
-from torch.nn import functional as nn_functional
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import functional as TF
 
 from harness.transforms import (PadCrop, Preprocess, image_bytes, label_in_range, normalize, resized_size, rgb_planes,
                                 sample_name, seed_augmentation)
@@ -141,8 +142,9 @@ class DeviceDecode:
     side stream, while the training thread launches the step on the current one (the GIL is
     released inside the decode). Each batch is handed over with an event the trainer's stream
     waits on, and its tensors are marked as used by that stream so the allocator cannot recycle
-    them early. On the CPU the same code runs inline (torchvision's libjpeg decode): how tests
-    run it. ``kind`` (``data.augment.kind``) says how training boxes are applied (see
+    them early. On the CPU the same code runs inline (torchvision's libjpeg decode, one call
+    per image) and finishes the batch with the same :func:`resample`: how tests and
+    ``bench/gpu_data.py --stage`` run it. ``kind`` (``data.augment.kind``) says how training boxes are applied (see
     :meth:`DeferredDecode.plan`).
     """
 
@@ -182,43 +184,40 @@ class DeviceDecode:
         return x, y, book
 
     def _finish(self, encoded: Encoded, y: torch.Tensor, book: tuple[int, int, int]):
-        """One batch on the current stream; samples that fail to decode are dropped and counted."""
+        """One batch on the current stream; samples that fail to decode are dropped and counted.
+
+        After the decode, a fixed number of operations per batch whatever its size (see
+        :func:`resample`): the per-sample work left is Python arithmetic on the boxes.
+        """
         images = self._images(encoded)
         keep = [i for i, image in enumerate(images) if image is not None]
-        side = self.pre.image_size
-        boxes = encoded.boxes.tolist()
-        if self.train and self.kind == "cifar":
-            out = torch.zeros(len(keep), 3, side, side, dtype=torch.uint8, device=self.device)
-            for n, i in enumerate(keep):
-                _paste_window(out[n], self._fit(images[i], side), *boxes[i][:2])
-        elif self.train:
-            # float from the crop on, rounded once per batch: three kernels an image where
-            # TF.resized_crop on uint8 takes six, and the values the CPU path's uint8 crop holds
-            out = torch.empty(len(keep), 3, side, side, device=self.device)
-            for n, i in enumerate(keep):
-                top, left, height, width = boxes[i]
-                crop = images[i][None, :, top:top + height, left:left + width].float()
-                out[n] = nn_functional.interpolate(crop, size=(side, side), mode="bilinear", align_corners=False,
-                                                   antialias=True)[0]
-            out.round_()
-        else:
-            out = torch.empty(len(keep), 3, side, side, dtype=torch.uint8, device=self.device)
-            for n, i in enumerate(keep):
-                out[n] = TF.center_crop(self._fit(images[i], self.resize), [side])
-        if self.train:
-            flip = encoded.flips[keep].nonzero().flatten().tolist()
-            if flip:
-                index = torch.tensor(flip, device=self.device)
-                out[index] = out[index].flip(-1)
+        boxes, flips = encoded.boxes.tolist(), encoded.flips.tolist()
+        windows = [self._window(*images[i].shape[-2:], boxes[i], self.train and flips[i]) for i in keep]
+        out = resample([images[i] for i in keep], windows, self.pre.image_size, self.device)
         if len(keep) < len(images):
             y = y[keep]
         worker, emitted, skipped = book
-        return normalize(out, self.pre), y.to(self.device, non_blocking=True), (worker, emitted, skipped + len(images) - len(keep))
+        skipped += len(images) - len(keep)
+        return normalize(out, self.pre), y.to(self.device, non_blocking=True), (worker, emitted, skipped)
 
-    @staticmethod
-    def _fit(image: torch.Tensor, size: int) -> torch.Tensor:
-        """Shorter side to ``size`` as ``T.Resize(size)`` (antialiased bilinear); untouched if it is already."""
-        return image if min(image.shape[-2:]) == size else TF.resize(image, [size], antialias=True)
+    def _window(self, height: int, width: int, box: Sequence[int], flip: bool) -> Window:
+        """What one sample's output shows, as the CPU path's transform for this mode has it.
+
+        Training (``rrc``): the box, resized to the output square. ``cifar``: the image with its
+        shorter side resized to the output side (``T.Resize``), seen through the box, which may
+        reach into the zero padding. Evaluation: the shorter side resized to ``image_size /
+        crop_pct``, then the center square with ``T.CenterCrop``'s rounding.
+        """
+        side = self.pre.image_size
+        if self.train and self.kind != "cifar":
+            top, left, box_height, box_width = box
+            return Window((top, box_height, side, 0), (left, box_width, side, 0), flip)
+        resized_height, resized_width = resized_size(height, width, side if self.train else self.resize)
+        if self.train:
+            top, left = box[0], box[1]
+        else:
+            top, left = _center_offset(resized_height, side), _center_offset(resized_width, side)
+        return Window((0, height, resized_height, top), (0, width, resized_width, left), flip)
 
     def _images(self, encoded: Encoded) -> list[Optional[torch.Tensor]]:
         """The batch's RGB images (CHW uint8) on the device; None for a JPEG that does not decode."""
@@ -232,8 +231,8 @@ class DeviceDecode:
         planes = [i for i, size in enumerate(sizes) if size != (0, 0)]
         if planes:  # decoded in the worker: one copy to the device for all of them
             pixels = torch.cat([blobs[i] for i in planes]).to(self.device, non_blocking=True)
-            for i, image in zip(planes, torch.split(pixels, [len(blobs[i]) for i in planes])):
-                images[i] = image.view(3, *sizes[i])
+            for i, image in zip(planes, _planes_as_images(pixels, [sizes[i] for i in planes])):
+                images[i] = image
         return images
 
     def _decode(self, blobs: list[torch.Tensor], where: Sequence[str]) -> list[Optional[torch.Tensor]]:
@@ -258,10 +257,140 @@ class DeviceDecode:
         return images
 
 
-def _paste_window(out: torch.Tensor, image: torch.Tensor, top: int, left: int) -> None:
-    """Copy the window at (top, left) of ``image`` into the zeroed ``out``; what lies outside the image stays 0."""
-    side_h, side_w = out.shape[-2:]
-    height, width = image.shape[-2:]
-    y0, y1, x0, x1 = max(top, 0), min(top + side_h, height), max(left, 0), min(left + side_w, width)
-    if y0 < y1 and x0 < x1:
-        out[:, y0 - top:y1 - top, x0 - left:x1 - left] = image[:, y0:y1, x0:x1]
+class Window(NamedTuple):
+    """Where one output image's pixels come from, per axis, and whether it is mirrored.
+
+    Per axis, ``(start, length, resized, offset)``: the source span ``[start, start + length)``
+    is resized (antialiased bilinear) to ``resized`` pixels, of which the output shows those from
+    ``offset`` on; output pixels outside the resized span are 0 (padding).
+    """
+
+    rows: tuple[int, int, int, int]
+    cols: tuple[int, int, int, int]
+    flip: bool
+
+
+def _center_offset(length: int, side: int) -> int:
+    """Offset of ``T.CenterCrop(side)``'s window in ``length`` pixels (negative: zero padding around it)."""
+    return int(round((length - side) / 2.0)) if length >= side else -((side - length) // 2)
+
+
+def resample(images: Sequence[torch.Tensor], windows: Sequence[Window], side: int,
+             device: torch.device) -> torch.Tensor:
+    """Crop, resize, flip and pad every image of a batch at once: ``(N, 3, side, side)`` float.
+
+    Antialiased bilinear resizing is separable and linear, so each output is ``Wy @ image @ Wx.T``
+    per channel, with ``Wy``, ``Wx`` the filter's weights for that image's window (a row per
+    output pixel, zero outside the window: the crop, the flip and the padding are in the weights).
+    The images are padded into one tensor (a nested tensor: one operation however many images)
+    and both products are batched matrix products, so the number of operations does not grow
+    with the batch. The values are torch's ``F.interpolate(..., antialias=True)`` on the float
+    crop, rounded to whole levels once, as the CPU path's uint8 images are. Images of very
+    different sizes are padded in a few groups of similar size (:func:`_size_groups`), so one
+    large image does not pad the whole batch to its size.
+    """
+    if not images:
+        return torch.empty(0, 3, side, side, device=device)
+    groups = _size_groups([tuple(image.shape[-2:]) for image in images])
+    outs = []
+    for group in groups:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # strided nested tensors are a "prototype"
+            padded = torch.nested.to_padded_tensor(
+                torch.nested.as_nested_tensor([images[i] for i in group], dtype=torch.float32), 0.0)
+        n, _, height, width = padded.shape
+        plan = torch.tensor([(*windows[i].rows, *windows[i].cols, windows[i].flip) for i in group],
+                            dtype=torch.float64, device=device)
+        rows = _axis_weights(plan[:, 0:4], None, side, height)
+        cols = _axis_weights(plan[:, 4:8], plan[:, 8] > 0, side, width)
+        across = _matmul(padded.view(n, 3 * height, width), cols.transpose(1, 2))  # (n, 3 * height, side)
+        outs.append(_matmul(rows.unsqueeze(1), across.view(n, 3, height, side)))
+    if len(outs) == 1:
+        return outs[0].round_()
+    order = [i for group in groups for i in group]
+    back = sorted(range(len(order)), key=order.__getitem__)  # where each sample landed in the groups' order
+    return torch.cat(outs)[torch.tensor(back, device=device)].round_()
+
+
+def _axis_weights(axis: torch.Tensor, flip: Optional[torch.Tensor], side: int, length: int) -> torch.Tensor:
+    """``(n, side, length)`` float32: row i holds output pixel i's weights of source pixels 0 .. length - 1.
+
+    ``axis``: ``(n, 4)`` float64 rows of :class:`Window`'s (start, length, resized, offset);
+    ``flip``: ``(n,)`` bool, output pixels in reverse order. The filter is torch's antialiased
+    bilinear one (PIL's, ``F.interpolate(..., antialias=True)``): for output pixel p of the
+    resized span, a triangle of half-width ``max(scale, 1)`` source pixels around
+    ``scale * (p + 0.5)``, cut to the source pixels torch takes, normalised to sum 1.
+    """
+    start, span, resized, offset = axis.unbind(1)
+    scale = span / resized
+    support = scale.clamp(min=1)
+    index = torch.arange(side, dtype=torch.float64, device=axis.device).expand(len(axis), side)
+    if flip is not None:
+        index = torch.where(flip[:, None], side - 1 - index, index)
+    position = index + offset[:, None]  # the output pixel's place in the resized span
+    center = scale[:, None] * (position + 0.5)  # ... and its centre in the source span
+    # torch's taps: [int(center - support + 0.5), int(center + support + 0.5)) within the span
+    first = (center - support[:, None] + 0.5).floor().clamp(min=0)
+    stop = torch.minimum((center + support[:, None] + 0.5).floor(), span[:, None])
+    inside = (position >= 0) & (position < resized[:, None])  # outside: padding, no weights
+    # distances in float32, from an exact integer part and a float64-accurate fraction, so the
+    # (n, side, length) tensors are float32 yet as precise as the float64 centres
+    shift = center - 0.5
+    whole = shift.floor()
+    source = (torch.arange(length, dtype=torch.float64, device=axis.device) - start[:, None]).float()[:, None, :]
+    distance = source - whole.float()[..., None] - (shift - whole).float()[..., None]
+    weights = (1 - distance.abs() * (1 / support).float()[:, None, None]).clamp_(min=0)
+    weights *= (source >= first.float()[..., None]) & (source < stop.float()[..., None]) & inside[..., None]
+    return weights / weights.sum(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` to float32 precision even where float32 products run in TF32, as the trainer sets on CUDA.
+
+    TF32 keeps 10 of float32's 23 mantissa bits: enough for the pixels (whole levels), not for
+    the weights or the first product, which would drift by up to a level (measured with TF32's
+    truncation emulated: a mean of 0.13 levels, biased low). Each operand is split into a part
+    TF32 holds exactly and the remainder, and the three products that matter are summed
+    ("3xTF32"): errors of about 2**-20 instead.
+    """
+    if torch.get_float32_matmul_precision() == "highest":
+        return torch.matmul(a, b)
+    a_high, b_high = _tf32_part(a), _tf32_part(b)
+    return torch.matmul(a_high, b_high) + torch.matmul(a - a_high, b_high) + torch.matmul(a_high, b - b_high)
+
+
+def _tf32_part(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the 13 low mantissa bits cleared: exactly representable in TF32."""
+    return (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+def _size_groups(sizes: Sequence[tuple[int, int]], waste: float = 4.0, most: int = 4) -> list[list[int]]:
+    """Indices of the images, in at most ``most`` groups that pad cheaply to their largest height and width.
+
+    One group unless padding the whole batch to its largest height and width would hold more
+    than ``waste`` times the pixels it has (ImageNet's 500x375-like batches: about 1.4 times);
+    then groups of area within a factor ``waste`` of each other, counted down from the largest,
+    the last group taking the rest. The number of groups, hence of operations, stays bounded.
+    """
+    areas = [height * width for height, width in sizes]
+    padded = len(sizes) * max(height for height, _ in sizes) * max(width for _, width in sizes)
+    if padded <= waste * sum(areas):
+        return [list(range(len(sizes)))]
+    largest, groups = max(areas), {}
+    for i, area in enumerate(areas):
+        groups.setdefault(min(int(math.log(largest / area, waste)), most - 1), []).append(i)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _planes_as_images(pixels: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+    """Consecutive CHW RGB images in one flat buffer, as ``(3, height, width)`` views, in one operation.
+
+    A nested-tensor view of the buffer (what ``torch.nested.as_nested_tensor`` builds from a
+    regular tensor), unbound: not one ``view`` per image.
+    """
+    shape = torch.tensor([(3, height, width) for height, width in sizes])
+    strides = torch.tensor([(height * width, width, 1) for height, width in sizes])
+    offsets = torch.tensor(list(itertools.accumulate((3 * height * width for height, width in sizes[:-1]), initial=0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch._nested_view_from_buffer(pixels, shape, strides, offsets).unbind()
