@@ -62,6 +62,9 @@ def random_teacher(tmp: Path, name: str, num_classes: int = 10) -> Path:
 # recipe -> (student stand-in, teacher stand-ins, extra overrides), each model of the real one's family
 STAND_INS = {
     "imagenet-2teachers": ("test_resnet", ["test_resnet", "test_efficientnet"], []),
+    # hub teachers replaced by local stand-ins; RandAugment, Mixup/CutMix and the EMA as the recipe has them
+    "imagenet-a1-teachers": ("test_resnet", ["test_resnet", "test_efficientnet"], ["teachers.0.hub=null",
+                                                                                   "teachers.1.hub=null"]),
     # the ViT teacher keeps its own view (mean/std 0.5) and sees the crop resized to 48 px
     "imagenet-convnext-vit": ("test_resnet", ["test_convnext", "test_vit"],
                               ["data.image_size=32", "teachers.1.image_size=48"]),
@@ -110,10 +113,12 @@ def test_imagenet_teacher_combination_runs_with_stand_ins(name, tmp_path, digits
     with safe_open(str(run / "student.safetensors"), framework="pt") as f:
         config = json.loads(f.metadata()["harness"])
     taps = config["shared_classifier"]["taps"]
-    if name in ("imagenet-2teachers", "cifar100/atsc-resnet32x4+vgg13-resnet8x4"):
+    if name in ("imagenet-2teachers", "imagenet-a1-teachers", "cifar100/atsc-resnet32x4+vgg13-resnet8x4"):
         assert taps == ["map", "map"]  # two CNN teachers: SimKD's conv projectors on feature maps
     else:
         assert taps == ["vector"] * len(original.teachers)  # ConvNeXt's normed head, ViT tokens: MLP projectors
+    if original.runtime.ema is not None:
+        assert "student_ema" in s and (run / "student-ema.safetensors").is_file()
     if name == "imagenet-convnext-vit":
         assert resolved["teachers"][1]["mean"] == [0.5, 0.5, 0.5] and resolved["teachers"][1]["image_size"] == 48
         assert resolved["teachers"][0]["mean"] != resolved["teachers"][1]["mean"]
