@@ -206,8 +206,8 @@ def stage_main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     import harness.gpu_decode
 
-    emit(kind="env", torch=torch.__version__, harness=str(Path(harness.gpu_decode.__file__).parent), cpus=os.cpu_count(),
-         threads=torch.get_num_threads())
+    emit(kind="env", torch=torch.__version__, harness=str(Path(harness.gpu_decode.__file__).parent),
+         cpus=os.cpu_count(), threads=torch.get_num_threads())
     for setting in args.settings:
         for batch in args.batches:
             emit(kind="stage", **stage_cost(batch, setting, args.repeats))

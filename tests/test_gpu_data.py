@@ -5,6 +5,8 @@ these pass on any host; where CUDA exists the image and robustness tests also ru
 """
 import io
 import logging
+import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,9 +14,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 from scipy import stats
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.transforms import functional as TF
 
-from harness.data import (DataError, DeferredDecode, EpochLoader, Encoded, Preprocess, ShardStream,
+from harness.data import (DataError, DeferredDecode, DeviceDecode, EpochLoader, Encoded, Preprocess, ShardStream,
                           cifar_train_transform, decode_on, eval_transform, expand_urls, train_transform)
+from harness.gpu_decode import _size_groups, resample
 
 # mean 0, std 1/255: the loader's output is the 0-255 pixel values themselves, in float
 PRE = Preprocess(image_size=24, crop_pct=0.875, mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)
@@ -281,3 +287,125 @@ def test_decode_setting_resolves_per_device():
     assert decode_on("cpu", torch.device("cuda", 0)) == "cpu"
     with pytest.raises(DataError, match=r"`data.decode: gpu` .* runs on cpu; set `data.decode` to `auto` or `cpu`"):
         decode_on("gpu", torch.device("cpu"))
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operations dispatched while active (torchvision's ``image`` ops included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def planned_batch(plan: DeferredDecode, n: int, seed: int) -> tuple[Encoded, torch.Tensor]:
+    """``n`` photos of assorted sizes as the GPU path's workers send them; every fourth a PNG (sent as pixels)."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        pixels = photo(rng, int(rng.integers(40, 96)), int(rng.integers(32, 80)))
+        if i % 4 == 3:
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="PNG")
+            sample = {"__key__": f"k{i}", "png": buf.getvalue(), "cls": i}
+        else:
+            sample = {"__key__": f"k{i}", "jpg": jpeg(pixels), "cls": i}
+        items.append(plan.plan(sample, CLASSES, seed))
+    return DeferredDecode.collate(items)
+
+
+@pytest.mark.parametrize("kind", ["rrc", "cifar", "eval"])
+def test_decode_stage_operations_do_not_grow_with_the_batch(kind):
+    """Past the decode (one torchvision call per JPEG on the CPU, one batched call on CUDA), a batch
+    of 32 images costs as many operations as one of 8: no per-image work is left on the host."""
+    plan = DeferredDecode(PRE, None if kind == "eval" else CROP, kind="cifar" if kind == "cifar" else "rrc")
+    finishing = {}
+    for n in (8, 32):
+        encoded, y = planned_batch(plan, n, seed=n)
+        stage = DeviceDecode(PRE, torch.device("cpu"), train=kind != "eval", kind=plan.kind)
+        with CountOps() as count:
+            x, labels, book = stage._finish(encoded, y, (0, n, 0))
+        decodes = sum(k for op, k in count.ops.items() if op.startswith("image."))
+        assert decodes == n - n // 4  # the counter does see per-image work: one decode per JPEG
+        finishing[n] = sum(count.ops.values()) - decodes
+        assert x.shape == (n, 3, PRE.image_size, PRE.image_size) and labels.tolist() == y.tolist() and book[2] == 0
+    assert finishing[8] == finishing[32], finishing
+
+
+def per_image_reference(image: torch.Tensor, mode: str, box, flip: bool, side: int, resize: int) -> torch.Tensor:
+    """One image as the decode stage finished it before batching: torch's own resize, crop and paste, in float."""
+    image = image.float()
+    if mode == "rrc":
+        top, left, height, width = box
+        out = F.interpolate(image[None, :, top:top + height, left:left + width], size=(side, side),
+                            mode="bilinear", align_corners=False, antialias=True)[0]
+    elif mode == "eval":
+        out = TF.center_crop(TF.resize(image, [resize], antialias=True), [side])
+    else:  # cifar: shorter side to `side`, then the window at (top, left), zero outside the image
+        resized, (top, left) = TF.resize(image, [side], antialias=True), box[:2]
+        out = torch.zeros(3, side, side)
+        height, width = resized.shape[-2:]
+        y0, y1, x0, x1 = max(top, 0), min(top + side, height), max(left, 0), min(left + side, width)
+        out[:, y0 - top:y1 - top, x0 - left:x1 - left] = resized[:, y0:y1, x0:x1]
+    return (out.flip(-1) if flip else out).round()
+
+
+@pytest.mark.parametrize("mode", ["rrc", "eval", "cifar"])
+def test_batched_resample_is_torchs_per_image_resize(mode):
+    """Against torch's antialiased bilinear resize image by image (the decode stage's former code), on
+    noise (no smoothness to hide a shifted window): downscales up to 12x, upscales, flips, windows into
+    the padding, center crops of odd margins, and a batch that splits into size groups (one large image)."""
+    side, gen = 20, random.Random(0)
+    pre = Preprocess(image_size=side, crop_pct=0.7, mean=PRE.mean, std=PRE.std)
+    stage = DeviceDecode(pre, torch.device("cpu"), train=mode != "eval", kind="cifar" if mode == "cifar" else "rrc")
+    sizes = [(gen.randint(12, 120), gen.randint(12, 120)) for _ in range(23)] + [(250, 190)]
+    images, windows, expected = [], [], []
+    for height, width in sizes:
+        noise = torch.Generator().manual_seed(height * width)
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=noise)
+        if mode == "rrc":
+            box_height, box_width = gen.randint(1, height), gen.randint(1, width)
+            box = (gen.randint(0, height - box_height), gen.randint(0, width - box_width), box_height, box_width)
+        else:  # cifar: a PadCrop-like offset on the resized image, up to 4 px into the padding
+            box = (gen.randint(-4, 4), gen.randint(-4, 4), side, side)
+        flip = mode != "eval" and gen.random() < 0.5
+        images.append(image)
+        windows.append(stage._window(height, width, box, flip))
+        expected.append(per_image_reference(image, mode, box, flip, side, stage.resize))
+    assert len(_size_groups(sizes)) > 1 and len(_size_groups(sizes[:-1])) == 1  # both ways are exercised
+    for count in (len(sizes) - 1, len(sizes)):
+        out = resample(images[:count], windows[:count], side, torch.device("cpu"))
+        diff = (out - torch.stack(expected[:count])).abs()
+        # float sums in another order: a value within a hair of .5 may round the other way
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 2e-3, ((diff > 0).float().mean(), diff.max())
+
+
+def test_products_keep_float32_precision_where_matmuls_run_in_tf32(monkeypatch):
+    """TF32 (which the trainer enables on CUDA) emulated on the CPU: operands cut to 10 mantissa bits.
+
+    Plain products would drift by a fraction of a level, biased low; the split products do not.
+    """
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8, generator=gen) for _ in range(4)]
+    windows = [DeviceDecode(PRE, torch.device("cpu"), train=True)._window(120, 160, (10, 5, 100, 140), flip)
+               for flip in (False, True, False, True)]
+    exact = resample(images, windows, 24, torch.device("cpu"))
+    matmul = torch.matmul
+
+    def tf32_matmul(a, b):
+        return matmul(*((t.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32) for t in (a, b)))
+
+    monkeypatch.setattr(torch, "matmul", tf32_matmul)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        drift = {}
+        for setting in ("highest", "high"):  # "high": what allow_tf32 = True reports
+            torch.set_float32_matmul_precision(setting)
+            drift[setting] = (resample(images, windows, 24, torch.device("cpu")) - exact).abs().mean().item()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert drift["highest"] > 0.02  # the emulation bites: unprotected products drift
+    assert drift["high"] < 1e-3, drift
