@@ -13,14 +13,15 @@ the nvJPEG call. One JSON line per measurement.
     python bench/gpu_data.py --stage [--batches 32 64 128 256] [--code TREE ...]
 
 needs no GPU: the GPU path's decode stage (``DeviceDecode._finish``) on CPU tensors, per batch
-size, for ImageNet-like (500x375 -> 224) and small (64-128 px -> 56) JPEGs, one in 16 sent as
-pixels as the workers send a PNG: (a) the torch operations it issues per batch, counted with a
-TorchDispatchMode, split into the decode (torchvision's ``image`` ops: one per image on the CPU,
-one batched nvJPEG call on CUDA) and the finishing (everything else: what the batched path
-keeps constant); (b) its host time per batch (median), and of that the decode. On CPU tensors
-the finishing time is the resampling arithmetic itself, which on CUDA runs on the device; the
-small images show the host overhead. ``--code`` measures another tree's ``harness`` (e.g. a
-``git archive`` of an older commit) in a subprocess, for before/after figures.
+size, for ImageNet-like (333-500 px -> 224), small (64-128 px -> 56) and tiny (16-32 px -> 8)
+JPEGs, one in 16 sent as pixels as the workers send a PNG: (a) the torch operations it issues
+per batch, counted with a TorchDispatchMode, split into the decode (torchvision's ``image``
+ops: one per image on the CPU, one batched nvJPEG call on CUDA) and the finishing (everything
+else: what the batched path keeps constant); (b) its host time per batch (median), and of that
+the decode. On CPU tensors the finishing time is mostly the resampling arithmetic, which on
+CUDA runs on the device; the tiny images, with next to none, show the host overhead.
+``--code`` measures another tree's ``harness`` (e.g. a ``git archive`` of an older commit) in
+a subprocess, for before/after figures.
 """
 from __future__ import annotations
 
@@ -139,6 +140,7 @@ class CountOps(TorchDispatchMode):
 STAGE_IMAGES = {  # setting: (image_size, widths, heights) of the generated JPEGs
     "imagenet": (224, (333, 500), (333, 500)),
     "small": (56, (64, 128), (48, 112)),
+    "tiny": (8, (16, 32), (12, 28)),  # next to no arithmetic: the time is host overhead
 }
 
 
@@ -207,7 +209,7 @@ def stage_main(args: argparse.Namespace) -> None:
     import harness.gpu_decode
 
     emit(kind="env", torch=torch.__version__, harness=str(Path(harness.gpu_decode.__file__).parent),
-         cpus=os.cpu_count(), threads=torch.get_num_threads())
+         cpus=os.cpu_count(), threads=torch.get_num_threads(), load=os.getloadavg()[0])
     for setting in args.settings:
         for batch in args.batches:
             emit(kind="stage", **stage_cost(batch, setting, args.repeats))
@@ -221,9 +223,9 @@ def main() -> None:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--stage", action="store_true", help="the decode stage on CPU tensors (no GPU needed)")
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
-    parser.add_argument("--settings", nargs="+", default=["small", "imagenet"], choices=sorted(STAGE_IMAGES))
+    parser.add_argument("--settings", nargs="+", default=["tiny", "small", "imagenet"], choices=sorted(STAGE_IMAGES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for --stage")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for --stage")
     parser.add_argument("--code", nargs="+", help="--stage: the harness trees to measure (default: this one)")
     args = parser.parse_args()
     if args.stage:

@@ -303,7 +303,7 @@ def resample(images: Sequence[torch.Tensor], windows: Sequence[Window], side: in
                             dtype=torch.float64, device=device)
         rows = _axis_weights(plan[:, 0:4], None, side, height)
         cols = _axis_weights(plan[:, 4:8], plan[:, 8] > 0, side, width)
-        across = _matmul(padded.view(n, 3 * height, width), cols.transpose(1, 2))  # (n, 3 * height, side)
+        across = _matmul(padded.view(n, 3 * height, width), cols.transpose(1, 2), whole_a=True)  # (n, 3 * height, side)
         outs.append(_matmul(rows.unsqueeze(1), across.view(n, 3, height, side)))
     if len(outs) == 1:
         return outs[0].round_()
@@ -344,18 +344,21 @@ def _axis_weights(axis: torch.Tensor, flip: Optional[torch.Tensor], side: int, l
     return weights / weights.sum(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _matmul(a: torch.Tensor, b: torch.Tensor, whole_a: bool = False) -> torch.Tensor:
     """``a @ b`` to float32 precision even where float32 products run in TF32, as the trainer sets on CUDA.
 
-    TF32 keeps 10 of float32's 23 mantissa bits: enough for the pixels (whole levels), not for
-    the weights or the first product, which would drift by up to a level (measured with TF32's
-    truncation emulated: a mean of 0.13 levels, biased low). Each operand is split into a part
-    TF32 holds exactly and the remainder, and the three products that matter are summed
-    ("3xTF32"): errors of about 2**-20 instead.
+    TF32 keeps 10 of float32's 23 mantissa bits: enough for the pixels (whole levels, ``whole_a``),
+    not for the weights or the first product, which would drift by up to a level (measured with
+    TF32's truncation emulated: a mean of 0.13 levels, biased low). Each operand is split into a
+    part TF32 holds exactly and the remainder, and the products that matter are summed
+    ("3xTF32"; two products when ``a`` is exact already): errors of about 2**-20 instead.
     """
     if torch.get_float32_matmul_precision() == "highest":
         return torch.matmul(a, b)
-    a_high, b_high = _tf32_part(a), _tf32_part(b)
+    b_high = _tf32_part(b)
+    if whole_a:
+        return torch.matmul(a, b_high) + torch.matmul(a, b - b_high)
+    a_high = _tf32_part(a)
     return torch.matmul(a_high, b_high) + torch.matmul(a - a_high, b_high) + torch.matmul(a_high, b - b_high)
 
 
