@@ -88,8 +88,6 @@ class Tracking:
 
     def open(self, start_step: int) -> None:
         """Open the event files and tracker runs; events at ``start_step`` and later from earlier runs are purged."""
-        # torch.utils.tensorboard imports tensorboard, which warns (once, on import) about a TensorFlow it does not need
-        logging.getLogger("tensorboard").setLevel(logging.ERROR)
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=start_step, flush_secs=30)
@@ -163,6 +161,8 @@ class _MLflow:
     def start(self, run_id: Optional[str]) -> str:
         import mlflow
 
+        # its INFO lines on creating and migrating the SQLite tables say nothing a run needs
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         if not os.environ.get("MLFLOW_TRACKING_URI"):  # MLflow 3 refuses a bare file store; SQLite is its local default
             mlflow.set_tracking_uri(f"sqlite:///{(self.t.out / 'mlflow.db').resolve()}")
         if run_id is None:
