@@ -7,7 +7,7 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mix
 # torch 2.14.1 / torchvision 0.29.1 are the builds that import together (and sit on this host's disk)
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install digits demo compare reproduce test docs clean
+.PHONY: install digits demo compare reproduce test docs clean wheels
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ runs/demo-teacher/student.safetensors: | digits
 
 demo: digits runs/demo-teacher/student.safetensors
 	$(LAUNCH) harness/run.py recipes/demo.yaml --resume
+	$(PY) -m harness.plot runs/demo
+	@echo "TensorBoard event files: runs/demo/tensorboard (watch: $(VENV)/bin/tensorboard --logdir runs/demo/tensorboard)"
+	@echo "plot: runs/demo/plot.png (python -m harness.plot RUN [RUN ...] draws any run, or several side by side)"
 
 # Every method on the digits at 32 px through CIFAR networks, 3 seeds each (recipes/compare/table.yaml):
 # runs/compare/results.md, results.json and top1.png. Finished runs are reused; COMPARE_ARGS passes options.
@@ -48,6 +51,11 @@ reproduce: install data/cifar100/_info.json
 
 test: install
 	$(PY) -m pytest -q tests
+
+# .whl/ (git-ignored): the wheels a bare GPU machine lacks (Python 3.12, x86-64) and the project's own, for
+# `bench/gpu_suite.py OUT --wheels .whl` there (README 'GPU figures: one command'). Needs pip's network.
+wheels: install
+	$(PY) bench/gpu_suite.py --make-wheels .whl
 
 # Regenerate the README's recipe-key reference from the schema.
 docs: install
