@@ -2,7 +2,7 @@
 
 Reads each run's ``metrics.jsonl`` (and ``summary.json`` when the run finished) and draws one
 PNG: train loss by term, lr, student and teacher top-1 per epoch (adapted, and as loaded as a
-dashed line), each teacher's anchor distance ||W - W0||, images/s and data wait. One run: its
+dotted line), each teacher's anchor distance ||W - W0||, images/s and data wait. One run: its
 ``<run>/plot.png``; several: one figure comparing them (a colour per run), by default
 ``compare.png`` beside the first run.
 """
@@ -85,7 +85,8 @@ def figure(runs: Sequence[Run]):
     fig, grid = plt.subplots(3, 2, figsize=(12, 11), layout="constrained")
     axes = dict(zip(PANELS, grid.flat))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ("-", "--", ":", "-.")
+    styles = ("-", "--", "-.", (0, (6, 1, 1, 1, 1, 1)))  # dotted is kept for the teachers as loaded
+    as_loaded = (0, (1, 2))
     many = len(runs) > 1
     for i, run in enumerate(runs):
         prefix = f"{run.name}: " if many else ""
@@ -107,16 +108,17 @@ def figure(runs: Sequence[Run]):
         axes["data_wait"].plot(steps, [100 * w for w in wait], label=prefix + "data wait", **pick(0))
         for j, model in enumerate(_models(run)):
             adapted = [(r["epoch"], r[model]["top1"]) for r in run.evals if model in r]
+            same = colour  # the as-loaded line takes its adapted line's colour
             if adapted:
-                axes["top1"].plot(*zip(*adapted), marker="o", markersize=3, label=prefix + model, **pick(j))
+                (drawn,) = axes["top1"].plot(*zip(*adapted), marker="o", markersize=3, label=prefix + model, **pick(j))
+                same = drawn.get_color()
             loaded = [r["teachers_as_loaded"][model]["top1"] for r in run.evals
                       if model in r.get("teachers_as_loaded", {})]
             if loaded:
-                line = adapted and axes["top1"].get_lines()[-1]
-                axes["top1"].axhline(loaded[-1], linestyle="--", linewidth=1, label=f"{prefix}{model} as loaded",
-                                     color=colour or (line.get_color() if line else None))
+                axes["top1"].axhline(loaded[-1], linestyle=as_loaded, linewidth=1.5, label=f"{prefix}{model} as loaded",
+                                     color=same)
     titles = {"loss": ("train loss by term", "step", "loss"), "lr": ("learning rate", "step", "lr"),
-              "top1": ("top-1 per epoch (dashed: teacher as loaded)", "epoch", "top-1"),
+              "top1": ("top-1 per epoch (dotted: teacher as loaded)", "epoch", "top-1"),
               "anchor_dist": ("anchor distance ||W - W0|| per teacher", "step", "||W - W0||"),
               "images_per_s": ("train images/s", "step", "images/s"), "data_wait": ("data wait", "step", "% of step time")}
     for name, ax in axes.items():
