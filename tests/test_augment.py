@@ -187,15 +187,19 @@ def write_recipe(tmp_path, digits, augment, **data):
     return path
 
 
-def test_resume_mid_epoch_with_mixup_replays_the_uninterrupted_batches(digits):
+@pytest.mark.parametrize("path", ["cpu", "gpu"])
+def test_resume_mid_epoch_with_mixup_replays_the_uninterrupted_batches(digits, path):
+    """Every key on (the CPU path; the batch-level ones on the GPU path's decode stage, here run on the CPU)."""
     shards = select_shards(str(digits / "train"))
-    urls = shards.urls[:2]
+    urls = shards.urls[:1]  # one shard, two workers: its samples dealt round-robin
     everything = Augment(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3, erase_prob=0.5, mixup=0.8,
                          cutmix=1.0, mixup_mode="pair")
 
     def loader():
-        stream = ShardStream(urls, train_transform(PRE, *CROP, sample_policy(16, PRE.mean, "rand-m9-mstd0.5-inc1", 0.3)),
-                             10, 8, train=True, seed=3, shuffle_buffer=50, lengths={u: shards.lengths[u] for u in urls})
+        transform = (train_transform(PRE, *CROP, sample_policy(16, PRE.mean, "rand-m9-mstd0.5-inc1", 0.3))
+                     if path == "cpu" else DeferredDecode(PRE, CROP))
+        stream = ShardStream(urls, transform, 10, 8, train=True, seed=3, shuffle_buffer=50,
+                             lengths={u: shards.lengths[u] for u in urls})
         return EpochLoader(stream, 2, pin_memory=False, pre=PRE, augment=BatchAugment(everything, 10))
 
     def run(epoch, resume=None, stop=None):
