@@ -95,7 +95,8 @@ class DeferredDecode:
         try:
             data = image_bytes(sample)
             image = Image.open(io.BytesIO(data))  # lazy: reads the header only
-            if image.format != "JPEG" or image.mode != "RGB" or data.rfind(b"\xff\xd9", len(data) - 1024) < 0:
+            # (max: a negative start counts from the end, which would skip the marker of a 1023-byte JPEG)
+            if image.format != "JPEG" or image.mode != "RGB" or data.rfind(b"\xff\xd9", max(len(data) - 1024, 0)) < 0:
                 # decodes (no end marker: maybe truncated, which nvJPEG decodes without a word):
                 # a broken body fails here, as on the CPU path
                 data, pixels = rgb_planes(image.convert("RGB")), (image.height, image.width)

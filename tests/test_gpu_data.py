@@ -240,6 +240,18 @@ def test_worker_sends_the_pixels_of_what_nvjpeg_should_not_see(mixed):
             assert planned.data == sample["jpg"] and planned.pixels == (0, 0)  # passed through as it is
 
 
+
+@pytest.mark.parametrize("size", [None, 1023, 1024, 3000])
+def test_small_whole_jpegs_pass_through_as_jpegs(size):
+    """The end-marker check near 1 KiB: a whole JPEG of any length goes to the decode stage as it is."""
+    pixels = photo(np.random.default_rng(0), 24, 20)
+    data = jpeg(pixels)
+    if size is not None:
+        data = jpeg(pixels, comment=b"x" * (size - len(data) - 4))  # a COM segment: 4 bytes and the text
+        assert len(data) == size
+    planned = DeferredDecode(PRE).plan({"__key__": "k", "jpg": data, "cls": 0}, CLASSES, seed=0)
+    assert planned.pixels == (0, 0) and planned.data == data
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_broken_samples_are_skipped_and_counted_and_the_rest_kept(mixed, device, caplog):
     url, keys = mixed
