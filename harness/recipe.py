@@ -171,7 +171,7 @@ class Runtime(_Section):
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept: the newest N, plus the best by student top-1")
     signal_check_every: int = Field(10, gt=0, description="optimizer steps between checks (one tiny collective) for a stop signal: SIGUSR1 saves and exits for requeue, SIGTERM saves and stops")
     threads: Optional[int] = Field(None, gt=0, description="torch CPU threads per process; null: torch's default")
-    trackers: list[Literal["wandb", "mlflow", "aim"]] = Field(default_factory=list, description="experiment trackers beside the TensorBoard event files every run writes (`<output>/tensorboard`): wandb, mlflow, aim, each when its package is installed (offline modes work without network: WANDB_MODE=offline, a file: MLFLOW_TRACKING_URI)")
+    trackers: list[Literal["wandb", "mlflow", "aim"]] = Field(default_factory=list, description="experiment trackers beside the TensorBoard event files every run writes (`<output>/tensorboard`): wandb, mlflow, aim, each when its package is installed (offline: WANDB_MODE=offline; MLflow without MLFLOW_TRACKING_URI writes `<output>/mlflow.db`; Aim `<output>/.aim`); a resume continues the same tracker run")
     tracker_project: Optional[str] = Field(None, description="project / experiment name in the trackers; null: the recipe's name")
     ema: Optional[Ema] = Field(None, description="an EMA of the deployed student (backbone, projectors, shared classifiers); null: none")
     compile: bool = Field(False, description="torch.compile the distiller's training forward (student, projectors, teachers); stages 0-2; the first steps are slow while it compiles")
