@@ -649,6 +649,8 @@ def run_suite(args: argparse.Namespace, argv: list[str], work: Path) -> int:
     env = base_env(site, cpu)
     part_env = compile_backend_env(work, env, scale.compile_backend) if scale.compile_backend else env
     only = set(args.only.split(",")) if args.only else None
+    if only and only & {"end-to-end", "data-path"}:
+        only.add("shards")  # they read the suite's shards
     parts = [p for p in plan(scale, work, suite.workers) if only is None or p.name in only]
     for i, part in enumerate(parts):
         if part.name == "big-teacher" and not BIG_TEACHER.is_file():

@@ -38,7 +38,8 @@ KNOWN_FAILURES = {
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
-    """One CPU run of the whole suite (about 3-4 minutes on 2 busy cores)."""
+    """One CPU run of the whole suite: about 3 minutes of CPU time (12 minutes on this project's 2 cores
+    under a load of 15)."""
     out, work = tmp_path_factory.mktemp("suite-out"), tmp_path_factory.mktemp("suite-work")
     start = time.monotonic()
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), str(out), "--cpu", "--work", str(work)],
@@ -67,8 +68,8 @@ def test_cpu_run_measures_every_figure(cpu_run):
         row = rows[key]
         for column in ("plain", "harness", "ratio"):
             assert isinstance(row[column], float) and math.isfinite(row[column]) and row[column] > 0, (key, row)
-    steps = [r for r in results["figures"] if r["part"] == "step"]
-    assert all(r["losses_finite"] for r in steps)
+    steps = [r for r in results["figures"] if r["part"] == "step" and r["harness"] is not None]
+    assert len(steps) == 14 - len(KNOWN_FAILURES) and all(r["losses_finite"] for r in steps)
     e2e = rows[("end to end", "ATSC adapted, compiled, ZeRO 0")]
     assert 0 <= e2e["data_wait"] <= 1 and e2e["workers"] == 1 and e2e["windows"] >= 2
     # the compiled parts really compiled (dynamo + AOTAutograd, the aot_eager backend on a CPU)
