@@ -18,7 +18,8 @@ student. :class:`EmaView` does that per forward, so the EMA is one more model of
 
 Checkpoints: at stage 0 the averages travel in the run state (rank 0 writes it); at stages 1-3
 each rank writes its part beside its optimizer partition (``ema_rank<r>.pt``): at stage 3 its
-partitions, at stages 1-2 every ``world_size``-th tensor. A resume continues the average exactly.
+partitions, at stages 1-2 every ``world_size``-th parameter; each rank its own buffers' averages
+(BatchNorm statistics are per rank). A resume continues the average exactly.
 """
 from __future__ import annotations
 
@@ -118,15 +119,15 @@ class StudentEma:
     def applied(self) -> Iterator[None]:
         """Within the block the module holds the averages; afterwards its own weights again, bit for bit."""
         live, shadow = self.live(), list(self.shadow)
-        # ZeRO-3 keeps small parameters (``ds_persist``) gathered whole between steps: a forward reads
-        # those whole, not their partitions, so they get the whole average
-        persistent = [i for i, p in enumerate(self.module.parameters())
-                      if _partitioned(p, self.zero_stage) and getattr(p, "ds_persist", False)]
-        if persistent:
-            params = list(self.module.parameters())
-            whole = _gather_whole([params[i] for i in persistent], [shadow[i] for i in persistent])
-            for i, tensor in zip(persistent, whole):
-                live[i], shadow[i] = params[i].data, tensor
+        # ZeRO-3 gathers a parameter from the partitions at its module's forward unless it is whole
+        # already (small ``ds_persist`` ones between steps, say): those get the whole average too
+        params = list(self.module.parameters())
+        whole_now = [i for i, p in enumerate(params)
+                     if _partitioned(p, self.zero_stage) and p.data.numel() == p.ds_numel > 0]
+        if whole_now:
+            gathered = _gather_whole([params[i] for i in whole_now], [shadow[i] for i in whole_now])
+            live += [params[i].data for i in whole_now]
+            shadow += gathered
         with torch.no_grad():
             saved = [t.clone() for t in live]
             torch._foreach_copy_(live, shadow)
@@ -158,16 +159,19 @@ class StudentEma:
     def save_partition(self, folder: Path) -> None:
         """Stages 1-3: this rank's part of the averages into ``folder`` (every rank calls it)."""
         rank, world = _rank_world()
-        mine = range(len(self.shadow)) if self.zero_stage == 3 else range(rank, len(self.shadow), world)
+        n_params = len(self.shadow) - self.n_buffers
+        # stages 1-2: every world-th parameter; buffers (each rank's own statistics) by every rank
+        mine = range(len(self.shadow)) if self.zero_stage == 3 else \
+            [*range(rank, n_params, world), *range(n_params, len(self.shadow))]
         torch.save({"count": len(self.shadow), "shadow": {i: self.shadow[i].detach().cpu() for i in mine}},
                    Path(folder) / self.FILE.format(rank=rank))
 
     def load_partition(self, folder: Path) -> None:
         """Stages 1-3: this rank's averages from ``folder``, as :meth:`save_partition` wrote them."""
         rank, world = _rank_world()
-        sources = [rank] if self.zero_stage == 3 else range(world)
+        sources = [rank] if self.zero_stage == 3 else [r for r in range(world) if r != rank] + [rank]
         found: dict[int, torch.Tensor] = {}
-        for r in sources:
+        for r in sources:  # this rank's own file last: its buffers are its own
             path = Path(folder) / self.FILE.format(rank=r)
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: the checkpoint holds no EMA of the student for rank {r} "
