@@ -11,9 +11,12 @@ between stages), builds the harness's own distiller, optimizer and engine for AT
 teacher adapting (``harness.build``, ``harness.optim``, ``harness.engine``, random weights: no
 file is read), runs ``--warmup`` steps, times ``--steps`` steps, then counts every tensor storage
 each rank holds after the backward of one more step with ``bench/zero_memory.py``'s ``measure``
-(weights, gradients, optimizer state, W0, buffers, buckets). Every rank sees the same batches at
-every stage, so the stages' losses must agree (fp32: to rounding); the largest relative difference
-from stage 0 is reported beside the times.
+(weights, gradients, optimizer state, W0, buffers, buckets); at stage 3 it also reads the weights
+held whole between that forward and its backward. Each rank sees the same batches at every stage,
+so the stages' losses must agree (fp32: to rounding); the largest relative difference from stage 0
+is reported beside the times. Each step is timed on the wall clock and in the process's own CPU
+time, which on a shared host is the steadier figure. ``--variant`` adds stage-3 runs with other
+DeepSpeed settings (``zero_optimization`` keys, or submodules gathered whole as "leaf" modules).
 
 ``run(Config(...))`` returns the same dictionary the CLI writes with ``--json`` (one entry per
 stage, and the ratios), so other benchmarks (the GPU suite) can call it with their own settings.
