@@ -255,7 +255,7 @@ def run_part(part: Part, timeout: float, env: dict[str, str], log_dir: Path, on_
     start = time.monotonic()
     with log_path.open("w") as err:
         proc = subprocess.Popen(part.command, cwd=ROOT, env={**env, **part.env}, stdout=subprocess.PIPE,
-                                stderr=err, text=True, start_new_session=True)
+                                stderr=err, text=True, errors="replace", start_new_session=True)
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
         reader.start()
