@@ -355,7 +355,10 @@ class SimKD(Distiller):
             classifier = self.shared.classifiers[k]
             if self.adapting and self.fused_bias and classifier.bias is not None:
                 terms[f"bias{k}"] = bias_only_loss(pooled(h_t), classifier, y)
-                loss = loss + terms[f"bias{k}"]
+                # W_k gets no gradient from the loss; an exact zero one instead changes no step (the
+                # optimizer treats a missing one as zero: ATSC.md section 2) but gives every engine a
+                # gradient to reduce: compiled, DeepSpeed's stage-2 hook asserts on a None gradient
+                loss = loss + terms[f"bias{k}"] + 0.0 * classifier.weight.sum()
             if self.kd_weight:
                 with torch.no_grad():
                     teacher_logits.append(classifier(pooled(h_t)))

@@ -143,7 +143,8 @@ def test_adapting_teacher_is_not_detached_and_frozen_teacher_gets_no_gradient():
     # every backbone weight is in the graph (zero-initialised residual BNs make some grads 0 at init)
     assert all(p.grad is not None for p in backbone)
     assert sum(p.grad.abs().sum() for p in backbone) > 0
-    assert teachers[0].fc.weight.grad is None  # W_c moves only through anchor and weight decay
+    # W_c moves only through anchor and weight decay: its gradient from the loss is exactly zero
+    assert torch.count_nonzero(teachers[0].fc.weight.grad) == 0
     assert teachers[0].fc.bias.grad.abs().sum() > 0
 
 
