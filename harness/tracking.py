@@ -34,6 +34,21 @@ def check_trackers(trackers: Sequence[str]) -> None:
         raise RecipeError("`runtime.trackers` asks for " + ", ".join(
             f"{t}, which is not installed (`{TRACKERS[t][1]}`)" for t in missing)
             + "; install it into this environment or remove it from `runtime.trackers`")
+    if "wandb" in trackers and not _wandb_can_log():
+        raise RecipeError("`runtime.trackers` asks for wandb, but this host has no W&B credentials (WANDB_API_KEY "
+                          "or `wandb login`); log offline with WANDB_MODE=offline (then `wandb sync`), or log in")
+
+
+def _wandb_can_log() -> bool:
+    """Whether ``wandb.init`` can start without asking for a key: offline, disabled, or credentials found."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _flatten(prefix: str, value: Any) -> Iterator[tuple[str, float]]:

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import tiny_recipe, wait_for
 from harness import run, tracking
 from harness.metrics import MetricsLog
+from harness.recipe import RecipeError
 from harness.tracking import Tracking, scalars
 
 TEACHERS = ["0:resnet34", "1:resnet50"]
@@ -110,6 +111,21 @@ def test_a_tracker_that_is_not_installed_stops_the_run_before_it_starts(work, di
     assert err.startswith(f"error: {recipe}: ") and "Traceback" not in err
     assert "`runtime.trackers`" in err and "mlflow, which is not installed (`pip install mlflow`)" in err
     assert not (tmp_path / "tracked").exists()
+
+
+def test_wandb_without_credentials_or_offline_mode_is_refused_with_the_fix(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(RecipeError, match="no W&B credentials .*WANDB_MODE=offline"):
+        tracking.check_trackers(["wandb"])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tracking.check_trackers(["wandb"])  # offline needs none
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    tracking.check_trackers(["wandb"])  # `wandb login` writes this
 
 
 # ----------------------------------------------------------------------------- trackers, where installed
