@@ -69,6 +69,9 @@ STAND_INS = {
     "imagenet-convnext-vit": ("test_resnet", ["test_convnext", "test_vit"],
                               ["data.image_size=32", "teachers.1.image_size=48"]),
     "imagenet-vitl-vits": ("test_vit", ["test_vit2"], ["data.image_size=32"]),
+    # ZeRO-3 with a big ViT teacher (a hub id, here a local stand-in) seeing its own 32 px view
+    "imagenet-vith-resnet50-zero3": ("test_resnet", ["test_vit"], ["data.image_size=32", "teachers.0.hub=null",
+                                                                  "teachers.0.image_size=32"]),
     # the zoo's own small members: the CIFAR augmentation, a 4 x 4 vgg map beside an 8 x 8 resnet one
     "cifar100/atsc-resnet32x4+vgg13-resnet8x4": ("cifar_resnet8", ["cifar_resnet8", "cifar_vgg8"], ["data.image_size=32"]),
 }
