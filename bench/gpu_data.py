@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -41,9 +40,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness.gpu_decode import DeferredDecode, DeviceDecode
+from harness.gpu_decode import CountOps, DeferredDecode, DeviceDecode
 from harness.transforms import Preprocess, train_transform
 
 PRE = Preprocess(image_size=224, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -123,18 +121,6 @@ def measure(loader: EpochLoader, step, epoch: int) -> dict:
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
     return {"img_per_s": round(seen / wall, 1), "data_wait": round(wait / wall, 3), "images": seen}
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the aten (and torchvision ``image``) operations dispatched while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 STAGE_IMAGES = {  # setting: (image_size, widths, heights) of the generated JPEGs

@@ -21,11 +21,13 @@ import itertools
 import logging
 import math
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -398,3 +400,16 @@ def _planes_as_images(pixels: torch.Tensor, sizes: Sequence[tuple[int, int]]) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch._nested_view_from_buffer(pixels, shape, strides, offsets).unbind()
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operations dispatched while active (aten's, and torchvision's ``image`` ops):
+    the measure of the decode stage's host work per batch (bench/gpu_data.py --stage, its tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))

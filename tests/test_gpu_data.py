@@ -6,7 +6,6 @@ these pass on any host; where CUDA exists the image and robustness tests also ru
 import io
 import logging
 import random
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -15,12 +14,11 @@ import webdataset as wds
 from PIL import Image
 from scipy import stats
 from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import functional as TF
 
 from harness.data import (DataError, DeferredDecode, DeviceDecode, EpochLoader, Encoded, Preprocess, ShardStream,
                           cifar_train_transform, decode_on, eval_transform, expand_urls, train_transform)
-from harness.gpu_decode import _size_groups, resample
+from harness.gpu_decode import CountOps, _size_groups, resample
 
 # mean 0, std 1/255: the loader's output is the 0-255 pixel values themselves, in float
 PRE = Preprocess(image_size=24, crop_pct=0.875, mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)
@@ -299,18 +297,6 @@ def test_decode_setting_resolves_per_device():
     assert decode_on("cpu", torch.device("cuda", 0)) == "cpu"
     with pytest.raises(DataError, match=r"`data.decode: gpu` .* runs on cpu; set `data.decode` to `auto` or `cpu`"):
         decode_on("gpu", torch.device("cpu"))
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the operations dispatched while active (torchvision's ``image`` ops included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def planned_batch(plan: DeferredDecode, n: int, seed: int) -> tuple[Encoded, torch.Tensor]:
