@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 
 from harness.data import (DataError, DeferredDecode, DeviceDecode, EpochLoader, Encoded, Preprocess, ShardStream,
-                          cifar_train_transform, decode_on, eval_transform, expand_urls, train_transform)
+                          cifar_train_transform, decode_on, eval_transform, train_transform)
 from harness.gpu_decode import CountOps, _size_groups, resample
 
 # mean 0, std 1/255: the loader's output is the 0-255 pixel values themselves, in float
