@@ -119,11 +119,14 @@ TWO_RANKS = "--export=ALL,PROCS_PER_NODE=2"  # two training processes on the (CP
 
 def test_a_rank_killed_mid_epoch_restarts_the_job_which_resumes_and_matches_an_uninterrupted_run(work, digits):
     """Two ranks, mid-epoch checkpoints every 4 steps; SIGKILL rank 1 in the second epoch."""
-    recipe = tiny_recipe(work, digits, "slurm-killed", schedule={"epochs": 3},
+    # batch 16 on 2 ranks: 44 steps per epoch, so the kill lands well inside the second one (at batch 32
+    # the rest of an epoch after its first mid-epoch checkpoint took as long as one poll under CI's load)
+    recipe = tiny_recipe(work, digits, "slurm-killed", schedule={"epochs": 3}, data={"batch_size": 16},
                          runtime={"log_every": 2, "checkpoint_steps": 4, "signal_check_every": 2})
     run = work / "slurm-killed"
     job = submit(recipe, options=(TWO_RANKS,))
-    wait_for(lambda: any((run / "checkpoints").glob("epoch0001-step*")), 300, "a mid-epoch checkpoint in epoch 2")
+    published = lambda: [p for p in (run / "checkpoints").glob("epoch0001-step*") if not p.name.endswith(".partial")]
+    wait_for(lambda: published(), 300, "a mid-epoch checkpoint in epoch 2", poll=0.05)
     ranks = rank_pids(str(run))
     assert sorted(ranks) == [0, 1], ranks
     os.kill(ranks[1], signal.SIGKILL)  # as the OOM killer would
@@ -135,7 +138,7 @@ def test_a_rank_killed_mid_epoch_restarts_the_job_which_resumes_and_matches_an_u
     restart, = records(run, "restart")
     assert restart["job"] == job and restart["restart"] == 1 and restart["cause"]
     resumed = [r for r in records(run, "resume") if r["time"] > killed_at]
-    assert resumed and resumed[0]["epoch"] == 1 and resumed[0]["step"] > 22  # a mid-epoch checkpoint
+    assert resumed and resumed[0]["epoch"] == 1 and 44 < resumed[0]["step"] < 88  # a mid-epoch checkpoint
     lost = max(r["step"] for r in records(run, "train") if r["time"] < killed_at) - resumed[0]["step"]
     print(f"restart cause: {restart['cause']}; back {resumed[0]['time'] - killed_at:.0f} s after the kill, "
           f"{lost} logged step(s) redone")
