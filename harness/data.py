@@ -40,6 +40,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys
 
 from harness.augment import BatchAugment, batch_seed, sample_policy
+from harness.epoch_plan import EpochPlan, Span
 from harness.gpu_decode import DeferredDecode, DeviceDecode, Encoded  # noqa: F401 (Encoded: re-exported)
 from harness.shm_batches import PooledBatch
 from harness.tarstream import TarFormatError, tar_members
@@ -223,8 +224,8 @@ def expand_urls(pattern: str) -> list[str]:
     return select_shards(pattern).urls
 
 
-def read_samples(urls: Sequence[str]) -> Iterator[dict]:
-    """Raw tar samples of the given shards in order; a broken shard is logged and ended.
+def read_samples(spans: Sequence[str | Span]) -> Iterator[dict]:
+    """Raw tar samples of the given shards (or :class:`Span` pieces of them) in order; a broken shard is logged and ended.
 
     webdataset's ``tarfile_samples`` with its ``tarfile`` parsing swapped for the leaner
     :func:`harness.tarstream.tar_members` (a fifth of the cost per sample); the rest is
@@ -232,50 +233,38 @@ def read_samples(urls: Sequence[str]) -> Iterator[dict]:
     skipped, members grouped into samples by ``group_by_keys`` (``__key__``, ``__url__``,
     lower-cased extensions), a shard that cannot be opened or read to its end logged as a
     warning with the samples before the break kept, and never a sample spanning two shards.
+    A span that starts inside a shard skips to its first sample without reading the ones before
+    (a seek per member on a local shard) and stops after its last.
     """
     def warn(exn: Exception) -> bool:
         log.warning("shard read error (rest of shard skipped): %s", exn)
         return True
 
-    yield from group_by_keys(_tar_files(urls, warn), handler=warn)
+    for span in spans:
+        yield from group_by_keys(_tar_files(Span(span) if isinstance(span, str) else span, warn), handler=warn)
 
 
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these names
 
 
-def _tar_files(urls: Sequence[str], warn) -> Iterator[dict]:
-    """``{"fname", "data", "__url__"}`` per tar member, and ``{}`` (end of shard) after each shard."""
-    for url in urls:
-        try:
-            stream = gopen(url)
-        except (OSError, ValueError) as e:
-            warn(e)
-            continue
-        try:
-            for name, data in tar_members(stream, url):
-                if not _META_MEMBER.match(name):
-                    yield {"fname": name, "data": data, "__url__": url}
-        except (TarFormatError, OSError) as e:
-            warn(e)
-        finally:
-            with contextlib.suppress(OSError):  # a pipe's exit status was checked at each read
-                stream.close()
-        yield {}
-
-
-def _deal(shards: Sequence[str], lengths: dict[str, int], bins: int) -> list[list[str]]:
-    """Deal shards to ``bins`` balancing sample counts: longest first, each to the lightest bin.
-
-    The sort is stable, so equal-length shards (all of a split but its last, as writers cut
-    them) keep the given, per-epoch shuffled order.
-    """
-    dealt: list[list[str]] = [[] for _ in range(bins)]
-    totals = [0] * bins
-    for shard in sorted(shards, key=lambda u: -lengths.get(u, 1)):
-        i = min(range(bins), key=lambda b: (totals[b], b))
-        dealt[i].append(shard)
-        totals[i] += lengths.get(shard, 1)
-    return dealt
+def _tar_files(span: Span, warn) -> Iterator[dict]:
+    """``{"fname", "data", "__url__"}`` per tar member of the span's samples, then ``{}`` (end of shard)."""
+    url = span.url
+    try:
+        stream = gopen(url)
+    except (OSError, ValueError) as e:
+        warn(e)
+        return
+    try:
+        for name, data in tar_members(stream, url, skip_samples=span.start, max_samples=span.count):
+            if not _META_MEMBER.match(name):
+                yield {"fname": name, "data": data, "__url__": url}
+    except (TarFormatError, OSError) as e:
+        warn(e)
+    finally:
+        with contextlib.suppress(OSError):  # a pipe's exit status was checked at each read
+            stream.close()
+    yield {}
 
 
 @dataclass
@@ -293,26 +282,31 @@ class Position:
 
 
 class ShardStream(IterableDataset):
-    """Batches from the shards this rank and worker own, for one epoch at a time.
+    """Batches from this rank's and worker's share of the samples, for one epoch at a time.
 
-    Training: the epoch's shard order is a pure function of (seed, epoch); shards are dealt to
-    ranks and then to workers balancing their sample counts (from ``_info.json``), a shuffle
-    buffer mixes samples within a worker, and each worker yields only full batches. Every
-    rank's batch count for the epoch (:meth:`batches_in_epoch`) is the same, computed from the
-    shard lengths. Evaluation: every sample exactly once across ranks and workers.
+    Who reads what is an :class:`harness.epoch_plan.EpochPlan`: in training the epoch's shard
+    order is a pure function of (seed, epoch), each rank reads an equal range of whole batches
+    of the samples in that order and each worker whole batches of its rank's range (ranges start
+    and end inside shards), a shuffle buffer mixes samples within a worker, and each worker
+    yields only full batches. The epoch uses every sample once but the remainder of the last
+    global batch, and every rank's batch count (:meth:`batches_in_epoch`) is the same, known
+    from the shard lengths. Evaluation: every sample exactly once across ranks and workers.
     """
 
     def __init__(self, urls: Sequence[str], transform, num_classes: int, batch_size: int, *, train: bool,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
-                 lengths: Optional[dict[str, int]] = None, workers: int = 1):
-        if train and len(urls) < world_size:
-            raise DataError(f"{len(urls)} train shards cannot feed {world_size} ranks; write at least "
-                            f"{world_size} shards (one per rank) or use fewer processes")
+                 lengths: Optional[dict[str, int]] = None, workers: int = 1, multiple_of: int = 1):
         self.urls, self.transform, self.num_classes = list(urls), transform, num_classes
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.lengths = dict(lengths or {})
+        if train and len(self.lengths) < len(self.urls):
+            missing = next(u for u in self.urls if u not in self.lengths)
+            raise DataError(f"training needs the sample count of every shard: none is known for {missing}; write "
+                            f"shards with `python -m shards.write` (its _info.json lists them) or set "
+                            f"`data.train_samples`")
         self.workers = max(workers, 1)
+        self.multiple_of = max(multiple_of, 1)  # batches per optimizer step: a rank's range is whole steps
         self.epoch, self.resume_from = 0, Position()
 
     def start(self, epoch: int, position: Optional[Position] = None) -> None:
@@ -322,38 +316,28 @@ class ShardStream(IterableDataset):
 
     # --- who reads what
 
-    def _rank_shards(self, rank: int, cycle: int = 0) -> list[str]:
-        urls = list(self.urls)
-        if self.train:
-            random.Random(hash((self.seed, self.epoch)) & 0xFFFFFFFF).shuffle(urls)
-            mine = _deal(urls, self.lengths, self.world_size)[rank]
-        else:
-            mine = urls[rank::self.world_size]
-        if cycle:
-            random.Random(hash((self.seed, self.epoch, rank, cycle)) & 0xFFFFFFFF).shuffle(mine)
-        return mine
+    def plan(self, epoch: int) -> EpochPlan:
+        """The epoch's deal of samples to ranks and workers (a shuffle and a prefix sum over the shards)."""
+        key = (epoch, self.world_size, self.workers, self.multiple_of)
+        if getattr(self, "_plan_key", None) != key:
+            self._plan = EpochPlan(self.urls, self.lengths, world=self.world_size, workers=self.workers,
+                                   batch_size=self.batch_size, train=self.train, seed=self.seed, epoch=epoch,
+                                   multiple_of=self.multiple_of)
+            self._plan_key = key
+        return self._plan
 
-    def _worker_plan(self, rank: int, cycle: int = 0) -> list[tuple[list[str], Optional[int]]]:
-        """Per logical worker: its shards, and a sample stride offset when shards are too few."""
-        shards = self._rank_shards(rank, cycle)
-        if len(shards) >= self.workers:
-            return [(part, None) for part in _deal(shards, self.lengths, self.workers)]
-        return [(shards, w) for w in range(self.workers)]
+    def _spans(self, worker: int, cycle: int = 0) -> list[Span]:
+        """A logical worker's spans; ``cycle`` > 0: the rank's whole range, reshuffled (the top-up reserve)."""
+        plan = self.plan(self.epoch)
+        if not cycle:
+            return plan.worker_spans(self.rank, worker)
+        spans = plan.rank_spans(self.rank)
+        random.Random(hash((self.seed, self.epoch, self.rank, cycle)) & 0xFFFFFFFF).shuffle(spans)
+        return spans
 
     def batches_in_epoch(self, epoch: int) -> int:
-        """Full batches every rank can deliver this epoch: the minimum over ranks, same for all."""
-        saved, self.epoch = self.epoch, epoch
-        try:
-            counts = []
-            for rank in range(self.world_size):
-                total = 0
-                for shards, stride in self._worker_plan(rank):
-                    n = sum(self.lengths.get(s, 0) for s in shards)
-                    total += (n // self.workers if stride is not None else n) // self.batch_size
-                counts.append(total)
-            return min(counts)
-        finally:
-            self.epoch = saved
+        """Full batches every rank delivers this epoch: the same for all, a multiple of ``multiple_of``."""
+        return self.plan(epoch).batches_per_rank
 
     # --- the stream
 
@@ -364,10 +348,7 @@ class ShardStream(IterableDataset):
         return (physical + self.resume_from.batches) % self.workers
 
     def _raw(self, worker: int, cycle: int) -> Iterator[dict]:
-        shards, stride = self._worker_plan(self.rank, cycle)[worker]
-        for i, sample in enumerate(read_samples(shards)):
-            if stride is None or i % self.workers == stride:
-                yield sample
+        yield from read_samples(self._spans(worker, cycle))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]]:
         worker = self._worker()
@@ -377,7 +358,7 @@ class ShardStream(IterableDataset):
         """A second pass over this rank's shards, reshuffled: the reserve when samples were skipped."""
         for cycle in range(1, 1 << 30):
             produced = False
-            for batch in self._worker_batches(-1, (s for w in range(self.workers) for s in self._raw(w, cycle))):
+            for batch in self._worker_batches(-1, self._raw(0, cycle)):
                 produced = True
                 yield batch
             if not produced:
@@ -478,7 +459,7 @@ class EpochLoader:
         # random erasing and Mixup/CutMix (training only): on the batch as it arrives, either data path
         self.augment = augment
         self.shards = shards or Shards(",".join(stream.urls), list(stream.urls))  # what it reads, for checks
-        stream.workers = max(workers, 1)
+        stream.workers, stream.multiple_of = max(workers, 1), max(multiple_of, 1)
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=4 if workers else None, persistent_workers=False,
                                  multiprocessing_context=worker_context() if workers else None)
@@ -490,8 +471,7 @@ class EpochLoader:
     def batches_in_epoch(self, epoch: int) -> Optional[int]:
         if not self.stream.train:
             return None
-        n = self.stream.batches_in_epoch(epoch)
-        return n - n % self.multiple_of  # whole optimizer steps only
+        return self.stream.batches_in_epoch(epoch)  # whole optimizer steps: the plan deals them
 
     def epoch(self, epoch: int, resume: Optional[Position] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.stream.start(epoch, resume)
@@ -550,6 +530,7 @@ class DataPlan:
     val: Shards
     lengths: dict[str, int]  # samples per train shard: _info.json's, else `data.train_samples` spread evenly
     decode: str  # "cpu" or "gpu"
+    epoch: EpochPlan  # epoch 0's deal of the train samples to ranks and workers (every epoch's counts alike)
 
 
 def plan_data(recipe, world_size: int, device: torch.device, grad_accum: int = 1) -> DataPlan:
@@ -571,14 +552,34 @@ def plan_data(recipe, world_size: int, device: torch.device, grad_accum: int = 1
                             f"{next(u for u in train.urls if u not in lengths)}; write "
                             f"shards with `python -m shards.write` (which lists them) or set `data.train_samples`")
         lengths = {u: d.train_samples // len(train.urls) for u in train.urls}  # an estimate; see EpochLoader
-    # a stream without a transform reads nothing: it only deals the shards to count the epoch's batches
+    # a stream without a transform reads nothing: it only plans the epoch to count its batches
     probe = ShardStream(train.urls, None, d.num_classes, d.batch_size, train=True, world_size=world_size,
-                        lengths=lengths, workers=max(d.workers, 1))
-    if probe.batches_in_epoch(0) < grad_accum:
-        raise DataError(f"{sum(lengths.values())} train samples give no full optimizer step of {grad_accum} batch(es) "
-                        f"of {d.batch_size} per loader worker on {world_size} rank(s); lower `data.batch_size`, "
-                        f"`data.workers` or `runtime.grad_accum`")
-    return DataPlan(train, val, lengths, decode_on(d.decode, device, d.augment.kind, bool(d.augment.per_sample_pixels)))
+                        lengths=lengths, workers=max(d.workers, 1), multiple_of=grad_accum)
+    if probe.batches_in_epoch(0) == 0:
+        raise DataError(f"{sum(lengths.values())} train samples give no full optimizer step on {world_size} rank(s) "
+                        f"({world_size} x {d.batch_size} x {grad_accum} = {world_size * d.batch_size * grad_accum} "
+                        f"samples); lower `data.batch_size` or `runtime.grad_accum`, or use fewer processes")
+    return DataPlan(train, val, lengths, decode_on(d.decode, device, d.augment.kind, bool(d.augment.per_sample_pixels)),
+                    probe.plan(0))
+
+
+UNUSED_WARN = 0.01  # a larger share of the split left out of every epoch is worth a line at start-up
+
+
+def plan_warnings(plan: EpochPlan) -> list[str]:
+    """What a training plan costs that a user can fix, one line each (empty when nothing does)."""
+    notes = []
+    unused = plan.total - plan.samples_per_epoch
+    if unused > UNUSED_WARN * plan.total:
+        step = plan.world * plan.batch_size * (plan.batches_per_rank and plan.multiple_of)
+        notes.append(f"each epoch leaves {unused} of the {plan.total} train samples unused "
+                     f"({100 * unused / plan.total:.1f}%): the split is {plan.total / step:.2f} global batches of "
+                     f"{step}; lower `data.batch_size` (or `runtime.grad_accum`) or use fewer processes")
+    if plan.batches_per_rank < plan.workers:
+        notes.append(f"each rank has {plan.batches_per_rank} batch(es) an epoch for {plan.workers} loader workers: "
+                     f"{plan.workers - plan.batches_per_rank} worker(s) per rank start and read nothing; set "
+                     f"`data.workers` to {max(plan.batches_per_rank, 1)} or fewer")
+    return notes
 
 
 def build_loaders(recipe, pre: Preprocess, rank: int, world_size: int, device: torch.device,
@@ -592,6 +593,8 @@ def build_loaders(recipe, pre: Preprocess, rank: int, world_size: int, device: t
                 log.warning("%s: %d .tar file(s) there are not listed in %s and are not read (e.g. %s); "
                             "`python -m shards.verify` lists them", shards.spec, len(shards.unlisted), shards.info,
                             shards.unlisted[0])
+        for note in plan_warnings(plan.epoch):
+            log.warning("data.train: %s", note)
     seed, a = recipe.runtime.seed, d.augment
     crop = (a.crop_scale, a.crop_ratio, a.hflip)
     if plan.decode == "gpu":
@@ -604,8 +607,19 @@ def build_loaders(recipe, pre: Preprocess, rank: int, world_size: int, device: t
     train = ShardStream(plan.train.urls, train_tf, d.num_classes, d.batch_size, train=True, seed=seed, rank=rank,
                         world_size=world_size, shuffle_buffer=d.shuffle_buffer, lengths=plan.lengths)
     val = ShardStream(plan.val.urls, val_tf, d.num_classes, d.batch_size, train=False,
-                      rank=rank, world_size=world_size)
+                      rank=rank, world_size=world_size, lengths=plan.val.lengths)
     pin_memory = device.type == "cuda"
     augment = BatchAugment(a, d.num_classes, device) if BatchAugment.wanted(a) else None
     train_loader = EpochLoader(train, d.workers, pin_memory, pre, device, multiple_of=grad_accum, augment=augment)
     return train_loader, EpochLoader(val, d.workers, pin_memory, pre, device, shards=plan.val)
+
+
+if __name__ == "__main__":  # `python -m harness.data plan ...`: see harness.epoch_plan.main
+    import sys
+
+    from harness.epoch_plan import main as plan_main
+
+    if sys.argv[1:2] != ["plan"]:
+        sys.exit("usage: python -m harness.data plan [RECIPE | --samples N --shard-size S | --shard-lengths F] "
+                 "[--world N ...] [--workers N ...] [--batch N ...] [--json]")
+    sys.exit(plan_main(sys.argv[2:]))

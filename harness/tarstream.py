@@ -13,6 +13,7 @@ webdataset skips them. A stream is read sequentially only, so ``pipe:`` and HTTP
 """
 from __future__ import annotations
 
+import re
 from typing import BinaryIO, Iterator
 
 BLOCK = 512
@@ -22,23 +23,38 @@ REGULAR = (b"0", b"\0", b"7")  # file, old-style file, contiguous file
 # and GNU long link name (neither names a regular file: read past)
 META = (b"x", b"L", b"g", b"K")
 POSIX_MAGIC = b"ustar\x0000"
+# webdataset's sample key (``base_plus_ext``): the member's path up to the first dot of its base name
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's meta members: not part of any sample
 
 
 class TarFormatError(ValueError):
     """The stream is not a readable tar from some point on (truncated, corrupt, unsupported)."""
 
 
-def tar_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
+def tar_members(stream: BinaryIO, where: str, skip_samples: int = 0,
+                max_samples: int | None = None) -> Iterator[tuple[str, bytes]]:
     """``(name, data)`` of each regular file in the tar ``stream``, in archive order.
 
     Stops at the end-of-archive block. Raises :class:`TarFormatError` naming ``where`` and the
     byte offset when the stream ends before that block (a truncated shard: ``tarfile`` would
     stop silently when the cut falls between members), when a header's checksum is wrong, or
     at a GNU sparse member; the members before that point have been yielded.
+
+    ``skip_samples``: the first that many samples (runs of members sharing webdataset's key)
+    are passed over without reading their data: a seek past each member on a seekable stream
+    (a local shard: one 512-byte header read per member), read and dropped on a pipe. It is how
+    a loader worker whose share of the epoch starts inside a shard gets there. ``max_samples``:
+    stop before the member that would begin the sample after that many kept (only its header
+    is read), so a share that ends inside a shard reads nothing past it.
     """
     offset = 0
     pax: dict[str, str] = {}
     long_name: str | None = None
+    seekable = skip_samples > 0 and _seekable(stream)
+    counting = bool(skip_samples) or max_samples is not None
+    last = None if max_samples is None else skip_samples + max_samples  # samples through the last one kept
+    keys_seen, last_key = 0, None
     while True:
         start = offset  # of this member's header
         header = stream.read(BLOCK)
@@ -65,10 +81,32 @@ def tar_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
         if "size" in pax:
             size = int(pax["size"])
         pax, long_name = {}, None
+        if counting and kind in REGULAR and not _META_NAME.match(name):
+            match = _KEY.match(name)
+            key = match.group(1) if match else name
+            if key != last_key:
+                keys_seen, last_key = keys_seen + 1, key
+                if last is not None and keys_seen > last:
+                    return
+        if skip_samples and keys_seen <= skip_samples:  # a member of a skipped sample (or before the first one kept)
+            padded = size + -size % BLOCK
+            if seekable:
+                stream.seek(padded, 1)
+            else:
+                _read(stream, padded, where, offset, name)
+            offset += padded
+            continue
         data = _read(stream, size, where, offset, name)
         offset += size + _skip_padding(stream, size, where, offset + size, name)
         if kind in REGULAR:
             yield name, data
+
+
+def _seekable(stream: BinaryIO) -> bool:
+    try:
+        return stream.seekable()
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _check_header(header: bytes, where: str, offset: int) -> None:

@@ -4,6 +4,7 @@ import io
 import pytest
 import torch
 
+from conftest import ROOT
 from harness.data import DataError, EpochLoader, Preprocess, ShardStream, eval_transform, expand_urls, select_shards
 
 PRE = Preprocess(image_size=8, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -195,9 +196,21 @@ def test_order_is_a_function_of_seed_and_epoch(indexed):
     assert first != other
 
 
-def test_too_few_train_shards_for_the_ranks_is_refused_with_the_count(indexed):
-    with pytest.raises(DataError, match="1 train shards cannot feed 2 ranks"):
-        _train_stream(indexed, 0, 2, shards=1)
+def test_one_shard_feeds_two_ranks_each_its_half(indexed):
+    """Samples are dealt, not shards: fewer shards than ranks is no longer a limit."""
+    per_rank = [keys_seen(_train_stream(indexed, r, 2, shards=1), workers=2) for r in range(2)]
+    assert [len(s) for s in per_rank] == [4 * 32, 4 * 32]  # 300 samples: 4 batches of 32 per rank
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(256))  # the shard's first 256, each once
+
+
+def test_a_split_smaller_than_one_optimizer_step_is_refused_with_the_count(digits):
+    from harness.data import plan_data
+    from harness.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", [f"data.train={digits}/train", f"data.val={digits}/val",
+                                               "data.batch_size=1024"], check_files=False)
+    with pytest.raises(DataError, match="give no full optimizer step on 2 rank"):
+        plan_data(recipe, 2, torch.device("cpu"))
 
 
 def test_corrupt_sample_is_skipped_and_the_run_goes_on(tmp_path, digits, caplog):
