@@ -230,3 +230,35 @@ def test_corrupt_sample_is_skipped_and_the_run_goes_on(tmp_path, digits, caplog)
     assert sum(len(y) for _, y in loader.epoch(0)) == 10
     assert loader.position.skipped == 2
     assert "broken" in caplog.text and "badlabel" in caplog.text
+
+
+@pytest.mark.parametrize("world,workers", [(1, 3), (2, 2), (3, 3)])
+def test_an_epoch_is_the_data_set_every_sample_once_as_the_plan_says(indexed, world, workers):
+    """Unequal shards (300/250/200/150), several workers: what the loaders deliver is what the planner counts."""
+    from harness.epoch_plan import plan_figures
+
+    urls = expand_urls(str(indexed / "train-{000000..000003}.tar"))
+    figures = plan_figures(urls, dict(zip(urls, TRAIN_LENGTHS)), world, workers, 32)
+    for epoch in range(2):
+        union = []
+        for rank in range(world):
+            loader = EpochLoader(_train_stream(indexed, rank, world), workers, pin_memory=False, pre=PRE)
+            seen = [i for x, _ in loader.epoch(epoch) for i in _indices(x)]
+            assert len(seen) == figures["batches_per_rank"] * 32 == loader.batches_in_epoch(epoch) * 32
+            union += seen
+        assert len(set(union)) == len(union) == figures["samples_per_epoch"]  # each sample once
+        assert 900 - len(union) < world * 32  # all but the last partial global batch
+
+
+def test_a_mid_epoch_resume_on_every_rank_still_sees_each_sample_once(indexed):
+    world, workers = 3, 3
+    union = []
+    for rank in range(world):
+        loader = EpochLoader(_train_stream(indexed, rank, world), workers, pin_memory=False, pre=PRE)
+        for i, (x, _) in enumerate(loader.epoch(0)):
+            union += _indices(x)
+            if i == 1:
+                break
+        resumed = EpochLoader(_train_stream(indexed, rank, world), workers, pin_memory=False, pre=PRE)
+        union += [i for x, _ in resumed.epoch(0, loader.position) for i in _indices(x)]
+    assert len(set(union)) == len(union) == 900 // 96 * 96
