@@ -3,12 +3,12 @@
 Design (after open_clip's ``data.py``, with the order made deterministic):
 
 * The shard order of an epoch is a pure function of ``(seed, epoch)``: every rerun sees the
-  same order, every epoch a different one. Shards are dealt to ranks, then to loader workers.
-* Training: shards are dealt to ranks and workers balancing their sample counts (from the
-  shards' ``_info.json``), and every rank yields exactly the same number of full batches per
-  epoch, computed from those counts. A rank left short (skipped samples) tops up from a second
-  pass instead of stopping, so no rank reaches a collective that the others have left (the
-  classic multi-node hang).
+  same order, every epoch a different one. Samples, not shards, are dealt to ranks and loader
+  workers (:mod:`harness.epoch_plan`): each rank an equal range of whole batches of the epoch's
+  sample sequence, so an epoch is the whole split at any world size and each sample is read
+  once. A rank left short (skipped samples) tops up from a second pass over its range instead
+  of stopping, so no rank reaches a collective that the others have left (the classic
+  multi-node hang).
 * A :class:`Position` (batches consumed, raw samples used per worker) lets a checkpoint resume
   mid-epoch with the samples not yet seen, and each sample's augmentation is seeded by its key.
 * Evaluation: each validation sample is read exactly once across all ranks and workers, and the
