@@ -169,7 +169,8 @@ def evaluate_file(path: Path, val: str, batch_size: int = 128, workers: int = 2)
     shards = select_shards(val)
     model = load_student(path)
     num_classes = read_config(path)["num_classes"]
-    stream = ShardStream(shards.urls, eval_transform(model.preprocess), num_classes, batch_size, train=False)
+    stream = ShardStream(shards.urls, eval_transform(model.preprocess), num_classes, batch_size, train=False,
+                         lengths=shards.lengths)
     correct1 = correct5 = total = 0
     for x, y in EpochLoader(stream, workers, False, model.preprocess).epoch(0):
         top5 = model(x).topk(min(5, num_classes), dim=-1).indices
