@@ -571,7 +571,7 @@ def plan_warnings(plan: EpochPlan) -> list[str]:
     notes = []
     unused = plan.total - plan.samples_per_epoch
     if unused > UNUSED_WARN * plan.total:
-        step = plan.world * plan.batch_size * (plan.batches_per_rank and plan.multiple_of)
+        step = plan.world * plan.batch_size * plan.multiple_of
         notes.append(f"each epoch leaves {unused} of the {plan.total} train samples unused "
                      f"({100 * unused / plan.total:.1f}%): the split is {plan.total / step:.2f} global batches of "
                      f"{step}; lower `data.batch_size` (or `runtime.grad_accum`) or use fewer processes")
