@@ -70,9 +70,11 @@ def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int 
         previous = latest(output)
         if rank == 0:
             shutil.rmtree(root / partial, ignore_errors=True)
-        raise CheckpointError(f"saving checkpoint {root / tag} failed{f' on rank {rank}: {error}' if error else ' on another rank'}; "
-                              f"the previous checkpoint {previous or '(none)'} is intact. Free space or fix permissions "
-                              f"under {root}, then continue with --resume")
+        failure = CheckpointError(f"saving checkpoint {root / tag} failed{f' on rank {rank}: {error}' if error else ' on another rank'}; "
+                                  f"the previous checkpoint {previous or '(none)'} is intact. Free space or fix permissions "
+                                  f"under {root}, then continue with --resume")
+        failure.all_ranks = error is None  # the ranks that met the cause say it; the others once, through rank 0
+        raise failure
     if rank == 0:
         if (root / tag).exists():
             shutil.rmtree(root / tag)

@@ -90,11 +90,20 @@ def init_runtime(precision: str, zero_stage: int, threads: Optional[int] = None,
                    local_rank=state.local_process_index, bf16=bf16, zero_stage=zero_stage)
 
 
-def shutdown() -> None:
-    """Destroy the process group: exiting without it can abort with 'terminate called ...'."""
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Destroy the process group: exiting without it can abort with 'terminate called ...'.
+
+    ``wait_for_peers=False`` on a failure: no barrier, since the peers may be waiting in a
+    collective this rank will never join, and a barrier would hold both until a timeout.
+    """
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        if wait_for_peers:
+            dist.barrier()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - already failing: the first error is the one to report
+            if wait_for_peers:
+                raise
 
 
 def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:

@@ -108,19 +108,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         starved = cores_warning(recipe.data.workers, rt.rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if starved:
             print(starved, file=sys.stderr, flush=True)
+    failed = True
     try:
         train(recipe, args, rt, signals, resume_from, watchdog)
+        failed = False
         return 0  # finished, or stopped on request with a checkpoint: both are clean exits
     except USER_ERRORS as e:
         record_failure(recipe.output, rt.rank, exception_cause(e), watchdog.step, str(e))
-        if rt.is_main:
-            print(f"error: {args.recipe}: {e}", file=sys.stderr)
+        # an error every rank met alike (agreed by a collective) is said once; any other by the rank that met it
+        if rt.is_main or not getattr(e, "all_ranks", isinstance(e, NonFiniteLoss)):  # NonFiniteLoss: agreed
+            print(f"error: rank {rt.rank}: {args.recipe}: {e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:  # a crash: recorded for the restart decision (harness/restarts.py), then raised as ever
         record_failure(recipe.output, rt.rank, exception_cause(e), watchdog.step, repr(e))
+        print(f"error: rank {rt.rank} crashed: {exception_cause(e)} (its traceback follows)", file=sys.stderr, flush=True)
         raise
     finally:
-        shutdown()
+        # A failing rank must not wait for its peers: they may be inside a collective it will never
+        # join. Its exit closes its connections, their collective fails, and the launcher ends them.
+        shutdown(wait_for_peers=not failed)
 
 
 def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[Path]:

@@ -47,6 +47,7 @@ class Watchdog:
         self.interval = min(10.0, max(0.5, (timeout or 60) / 20))
         self.peers: dict[int, tuple[str, float]] = {}  # rank -> (last tick seen, local time it changed)
         self.started = time.monotonic()
+        self.started_wall = time.time()  # records this process wrote from here on hold a cause: kept
         self._store = None
         if timeout is not None:
             threading.Thread(target=self._run, name="harness-watchdog", daemon=True).start()
@@ -122,6 +123,6 @@ class Watchdog:
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         print(message, file=sys.stderr, flush=True)  # again below the stacks, where a log's reader looks
         try:
-            record_failure(self.output, self.rank, cause, self.step, message)
+            record_failure(self.output, self.rank, cause, self.step, message, keep_since=self.started_wall)
         finally:
             os._exit(HANG_EXIT)
