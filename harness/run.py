@@ -387,10 +387,11 @@ class Loop:
                 sums[k] = sums.get(k, 0) + v.detach().float().nan_to_num(0.0, 0.0, 0.0) * finite
             if not boundary:
                 continue
+            skipped = self.guard.bad.clone() if self.ema is not None else None  # stepped() clears the flag
             self.guard.stepped()
             state["step"] += 1
             if self.ema is not None:
-                self.ema.update(state["step"])
+                self.ema.update(state["step"], skipped)
             self.watchdog.beat(state["step"])
             if state["step"] % rr.log_every == 0:
                 now = time.perf_counter()
