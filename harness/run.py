@@ -49,22 +49,31 @@ class StopSignals:
     preemption or the time limit: the batch script then requeues), and SIGTERM or a file
     ``<output>/stop``, each ask for a checkpoint at the next check and a clean exit. The files
     serve launchers that cannot deliver a signal to every rank (slurm/train.sbatch).
+
+    Only rank 0 (``poll_files``) looks at the files: the all-reduce shares its answer, and 511
+    more stat calls on a shared filesystem every few steps would add nothing. A file is never
+    cleared at start-up (a warning that arrives while the run starts must not be lost): the
+    batch script clears stale ones before it launches, and rank 0 removes the one it acted on
+    once the stop's checkpoint is written (:meth:`answered`).
     """
 
     FILES = {"requeue": "stop-requeue", "stop": "stop"}
 
-    def __init__(self, out: Path, clear: bool):
-        self.out = out
+    def __init__(self, out: Path, poll_files: bool):
+        self.out, self.poll_files = out, poll_files
         self.received = {"requeue": False, "stop": False}
-        if clear and out.is_dir():  # requests were for the previous incarnation of the job
-            for name in self.FILES.values():
-                (out / name).unlink(missing_ok=True)
         signal.signal(signal.SIGUSR1, lambda *_: self.received.__setitem__("requeue", True))
         signal.signal(signal.SIGTERM, lambda *_: self.received.__setitem__("stop", True))
 
+    def answered(self) -> None:
+        """The stop was checkpointed: its request file is spent (a --resume must not stop at once)."""
+        if self.poll_files:
+            for name in self.FILES.values():
+                (self.out / name).unlink(missing_ok=True)
+
     def agreed(self, device) -> Optional[str]:
         """'requeue' or 'stop' if any rank got a request (a collective: every rank must call)."""
-        asked = {k: v or (self.out / self.FILES[k]).exists() for k, v in self.received.items()}
+        asked = {k: v or (self.poll_files and (self.out / self.FILES[k]).exists()) for k, v in self.received.items()}
         flags = torch.tensor([float(asked["requeue"]), float(asked["stop"])], device=device)
         all_reduce(flags, "max")
         return "requeue" if flags[0] else "stop" if flags[1] else None
@@ -100,7 +109,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # `kill -USR2 <pid>` prints every thread's Python stack to stderr: where a stuck rank waits.
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     # Handlers first: a warning signal that arrives during start-up must not kill the process.
-    signals = StopSignals(Path(recipe.output), clear=os.environ.get("RANK", "0") == "0")
+    signals = StopSignals(Path(recipe.output), poll_files=os.environ.get("RANK", "0") == "0")
     rr = recipe.runtime
     rt = init_runtime(rr.precision, rr.zero_stage, rr.threads, rr.collective_timeout)
     watchdog = Watchdog(rr.progress_timeout, rt.rank, rt.world_size, recipe.output)
@@ -260,6 +269,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
             log.write("adapt", epoch=epoch, step=state["step"])
         distiller.train()
         if not loop.train_epoch(epoch, state):
+            signals.answered()
             progress.message(f"stopped at step {state['step']} ({state.get('stopped_by') or 'as asked'}), "
                              f"checkpointed; continue with --resume")
             return state
