@@ -124,9 +124,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0  # finished, or stopped on request with a checkpoint: both are clean exits
     except USER_ERRORS as e:
         record_failure(recipe.output, rt.rank, exception_cause(e), watchdog.step, str(e))
-        # an error every rank met alike (agreed by a collective) is said once; any other by the rank that met it
-        if rt.is_main or not getattr(e, "all_ranks", isinstance(e, NonFiniteLoss)):  # NonFiniteLoss: agreed
+        # an error every rank met alike (agreed by a collective) is said once, by rank 0; any other by the
+        # rank that met it, naming itself
+        if not getattr(e, "all_ranks", isinstance(e, NonFiniteLoss)):  # NonFiniteLoss: agreed
             print(f"error: rank {rt.rank}: {args.recipe}: {e}", file=sys.stderr, flush=True)
+        elif rt.is_main:
+            print(f"error: {args.recipe}: {e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:  # a crash: recorded for the restart decision (harness/restarts.py), then raised as ever
         record_failure(recipe.output, rt.rank, exception_cause(e), watchdog.step, repr(e))
@@ -145,12 +148,13 @@ def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[Path]:
             raise RecipeError(f"`output` {recipe.output} already holds a run (checkpoint {found.name}); pass "
                               f"--resume to continue it, or choose another directory with --set output=...")
         return None
-    if resume == "latest":  # verified against its manifest; a damaged one falls back to an older one
-        return checkpoint.newest_intact(recipe.output)  # nothing saved yet: None, start from the beginning
+    # verified against its manifest once the process group exists (each rank reads a share: train)
+    if resume == "latest":
+        return checkpoint.latest(recipe.output) or checkpoint.newest_published(recipe.output)  # None: start afresh
     path = Path(resume)
     if not path.is_dir():
         raise RecipeError(f"--resume {resume}: no such checkpoint directory")
-    return checkpoint.verified(path)
+    return path
 
 
 def refused(message: str) -> int:
@@ -231,6 +235,8 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
                    **{f"{i}:{t.model}": teacher for i, (t, teacher) in enumerate(zip(recipe.teachers, distiller.viewed_teachers()))}}
 
     # --- state: fresh or resumed
+    if resume_from is not None:  # verified: each rank reads a share, one verdict; a damaged latest falls back
+        resume_from = checkpoint.newest_intact(out) if args.resume == "latest" else checkpoint.verified(resume_from)
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from, bias_opt)
         load_ema(ema, state, resume_from, rr.zero_stage)

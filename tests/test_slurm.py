@@ -263,8 +263,8 @@ def test_a_warning_during_start_up_still_ends_in_a_checkpoint_and_a_requeue(work
     run.mkdir()
     (run / "stop-requeue").touch()  # left by an earlier incarnation: must not stop this one
     job = submit(recipe)
-    # the training processes exist, but none has trained a step: the run is starting up
-    wait_for(lambda: bool(rank_pids(str(recipe))), 180, "the training processes to start", poll=0.05)
+    # the step's launcher has started (so has the batch script's trap), but no step is trained: the run starts up
+    wait_for(lambda: bool(processes(str(recipe), "harness/run.py")), 180, "the training step to start", poll=0.05)
     assert trained_steps(run) == 0
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1@120 sends
     warned = time.time()
