@@ -157,10 +157,21 @@ def prune(root: Path, keep: int, best: Optional[str]) -> Optional[threading.Thre
     doomed = [*root.glob("*.pruning"), *root.glob("*.partial")]
     if not doomed:
         return None
+    finish_pruning()  # one deleter at a time: the previous one may still hold some of these
     thread = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
                               name="harness-prune", daemon=True)
     thread.start()
+    _pruning.append(thread)
     return thread
+
+
+_pruning: list[threading.Thread] = []
+
+
+def finish_pruning() -> None:
+    """Wait for the background deletions of :func:`prune` (a run that ends leaves only its checkpoints)."""
+    while _pruning:
+        _pruning.pop().join()
 
 
 def latest(output: str | Path) -> Optional[Path]:

@@ -120,6 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = True
     try:
         train(recipe, args, rt, signals, resume_from, watchdog)
+        checkpoint.finish_pruning()  # after the last save is published: off its critical path
         failed = False
         return 0  # finished, or stopped on request with a checkpoint: both are clean exits
     except USER_ERRORS as e:
