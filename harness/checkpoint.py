@@ -10,8 +10,10 @@ as-loaded accuracy and the best accuracy so far. Checkpoints are taken at epoch 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from harness import manifest
-from harness.distributed import all_reduce
+from harness.distributed import all_gather_objects, all_reduce
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -46,33 +48,43 @@ def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int 
     """Save under ``tag``, atomically; every rank must call it (each writes its ZeRO partitions).
 
     The checkpoint is written as ``<tag>.partial`` and published, by a rename and the
-    ``latest`` pointer, only once every rank has written its part and rank 0 has recorded
-    every file's size and checksum in its manifest (``harness.manifest``, verified on resume).
-    A crash or a kill during the save leaves the previous checkpoint as ``latest``. Then all
-    but the newest ``keep`` checkpoints and the best (``state['best_tag']``) are removed.
+    ``latest`` pointer, only once every rank has written its part and its files' sizes and
+    checksums are in the manifest (``harness.manifest``, verified on resume): each rank
+    checksums the files it wrote, while they are in its page cache, and rank 0 gathers them
+    (no rank reads another's files). A crash or a kill during the save leaves the previous
+    checkpoint as ``latest``. Then all but the newest ``keep`` checkpoints and the best
+    (``state['best_tag']``) are removed, off the save's path (:func:`prune`).
     ``rank_files(folder)``, if given, writes this rank's own further files into the checkpoint
     (the student EMA's partition, ``harness.ema``) before the manifest records them.
     """
     root = checkpoint_dir(output)
     partial = f"{tag}.partial"
     rank = dist.get_rank() if dist.is_initialized() else 0
+    checksums: dict[str, dict] = {}
+
     def write() -> None:
         engine.save_checkpoint(str(root), tag=partial, client_state={"harness": state}, save_latest=False)
         if rank_files is not None:
             (root / partial).mkdir(parents=True, exist_ok=True)
             rank_files(root / partial)
+        checksums.update(manifest.entries(root / partial, _written_by(root / partial, rank), rank))
 
     error = _attempt(write, root)
     # every rank calls _agree twice: the second also carries the manifest's fate on rank 0
-    if _agree(error is None, engine.device) and rank == 0:
-        error = _attempt(lambda: manifest.write(root / partial), root)  # every rank's files are complete now
+    if _agree(error is None, engine.device):
+        gathered = _gather_to_main(checksums)
+        if rank == 0:  # every rank's files are complete now; files no rank claimed are read here
+            error = _attempt(lambda: manifest.write(root / partial, {k: v for part in gathered for k, v in part.items()}),
+                             root)
     if not _agree(error is None, engine.device):
         previous = latest(output)
         if rank == 0:
             shutil.rmtree(root / partial, ignore_errors=True)
-        raise CheckpointError(f"saving checkpoint {root / tag} failed{f' on rank {rank}: {error}' if error else ' on another rank'}; "
-                              f"the previous checkpoint {previous or '(none)'} is intact. Free space or fix permissions "
-                              f"under {root}, then continue with --resume")
+        failure = CheckpointError(f"saving checkpoint {root / tag} failed{f' on rank {rank}: {error}' if error else ' on another rank'}; "
+                                  f"the previous checkpoint {previous or '(none)'} is intact. Free space or fix permissions "
+                                  f"under {root}, then continue with --resume")
+        failure.all_ranks = error is None  # the ranks that met the cause say it; the others once, through rank 0
+        raise failure
     if rank == 0:
         if (root / tag).exists():
             shutil.rmtree(root / tag)
@@ -82,6 +94,24 @@ def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int 
     if dist.is_initialized():
         dist.barrier()
     return root / tag
+
+
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|ema_rank)(\d+)")  # DeepSpeed's partitions and harness.ema's
+
+
+def _written_by(folder: Path, rank: int) -> list[Path]:
+    """The files of ``folder`` this rank wrote, known by their names (a rank's number in them);
+    the rest (the model states, the run state) rank 0 writes, and they are left to it."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and (m := _RANK_FILE.search(p.name)) and int(m[1]) == rank)
+
+
+def _gather_to_main(value: dict) -> list[dict]:
+    """Every rank's ``value`` on rank 0 (a collective; others get []): one message per rank, not all to all."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, out, dst=0)
+    return out or []
 
 
 def _attempt(action: Callable[[], None], root: Path) -> Optional[str]:
@@ -107,17 +137,41 @@ def _explain(error: BaseException, root: Path) -> str:
 
 def published(root: Path) -> list[str]:
     """The tags of the published checkpoints under ``root``, oldest first (tags sort chronologically)."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith(".partial"))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith((".partial", ".pruning")))
 
 
-def prune(root: Path, keep: int, best: Optional[str]) -> None:
-    """Remove published checkpoints beyond the newest ``keep``, and partials."""
-    tags = published(root)
-    for tag in tags[:-keep] if keep > 0 else []:
+def prune(root: Path, keep: int, best: Optional[str]) -> Optional[threading.Thread]:
+    """Remove published checkpoints beyond the newest ``keep``, and partials; the thread deleting them.
+
+    Deleting a checkpoint is many unlinks on a shared filesystem, and the save that calls this
+    may be inside the 120 s SLURM's warning leaves: each is renamed to ``<tag>.pruning`` (one
+    metadata operation: no longer a checkpoint to resume from) and deleted by a background
+    thread. One that an exit cuts short is deleted by the next prune.
+    """
+    for tag in published(root)[:-keep] if keep > 0 else []:
         if tag != best:
-            shutil.rmtree(root / tag, ignore_errors=True)
-    for partial in root.glob("*.partial"):
-        shutil.rmtree(partial, ignore_errors=True)
+            try:
+                os.replace(root / tag, root / f"{tag}.pruning")
+            except OSError:
+                continue
+    doomed = [*root.glob("*.pruning"), *root.glob("*.partial")]
+    if not doomed:
+        return None
+    finish_pruning()  # one deleter at a time: the previous one may still hold some of these
+    thread = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
+                              name="harness-prune", daemon=True)
+    thread.start()
+    _pruning.append(thread)
+    return thread
+
+
+_pruning: list[threading.Thread] = []
+
+
+def finish_pruning() -> None:
+    """Wait for the background deletions of :func:`prune` (a run that ends leaves only its checkpoints)."""
+    while _pruning:
+        _pruning.pop().join()
 
 
 def latest(output: str | Path) -> Optional[Path]:
@@ -129,6 +183,13 @@ def latest(output: str | Path) -> Optional[Path]:
         if candidate.is_dir():
             return candidate
     return None
+
+
+def newest_published(output: str | Path) -> Optional[Path]:
+    """The newest published checkpoint whatever ``latest`` says (None if none): a resume's candidate, unverified."""
+    root = checkpoint_dir(output)
+    tags = published(root) if root.is_dir() else []
+    return root / tags[-1] if tags else None
 
 
 def _note_once(text: str) -> None:
@@ -144,8 +205,9 @@ def newest_intact(output: str | Path, note: Callable[[str], None] = _note_once) 
     pointer rules out newer tags a run resumed from further back left behind), newest first.
     Each damaged one is ``note``d with its bad files, and so is the fallback. A checkpoint
     written before manifests existed is accepted (``load`` notes it: a refusal that follows
-    stays one line). Raises ``CheckpointError`` if checkpoints exist but none is intact. Every
-    rank calls it on the same files and decides alike.
+    stays one line). Raises ``CheckpointError`` if checkpoints exist but none is intact. In a
+    process group every rank calls it: each verifies its share of each candidate, and all
+    agree on one verdict (:func:`_verify_agreed`).
     """
     root = checkpoint_dir(output)
     if not root.is_dir():
@@ -156,7 +218,7 @@ def newest_intact(output: str | Path, note: Callable[[str], None] = _note_once) 
         tags = [t for t in tags if t <= pointed.name]
     damaged: dict[str, str] = {}  # tag -> what is wrong with it
     for tag in tags:
-        problems = manifest.verify(root / tag)
+        problems = _verify_agreed(root / tag)
         if problems:
             damaged[tag] = "; ".join(problems)
             continue
@@ -166,20 +228,38 @@ def newest_intact(output: str | Path, note: Callable[[str], None] = _note_once) 
             note(f"resuming from {root / tag}, the newest intact checkpoint")
         return root / tag
     if damaged:
-        raise CheckpointError(f"no intact checkpoint under {root} to resume from "
-                              f"({'; '.join(f'{bad}: {what}' for bad, what in damaged.items())}). Restore "
-                              f"the damaged files from a copy, or start afresh in another directory with "
-                              f"--set output=...")
+        error = CheckpointError(f"no intact checkpoint under {root} to resume from "
+                                f"({'; '.join(f'{bad}: {what}' for bad, what in damaged.items())}). Restore "
+                                f"the damaged files from a copy, or start afresh in another directory with "
+                                f"--set output=...")
+        error.all_ranks = True  # the verdict is agreed: said once
+        raise error
     return None
 
 
 def verified(path: Path) -> Path:
     """``path`` if its files match its manifest (or it has none); a ``CheckpointError`` naming the bad files if not."""
-    problems = manifest.verify(path)
+    problems = _verify_agreed(path)
     if problems:
-        raise CheckpointError(f"checkpoint {path} is damaged ({'; '.join(problems)}); resume from another one, "
-                              f"or with --resume alone from the newest intact one")
+        error = CheckpointError(f"checkpoint {path} is damaged ({'; '.join(problems)}); resume from another one, "
+                                f"or with --resume alone from the newest intact one")
+        error.all_ranks = True  # the verdict is agreed: said once
+        raise error
     return path
+
+
+def _verify_agreed(path: Path) -> Optional[list[str]]:
+    """:func:`manifest.verify` with each rank reading its share, and every rank getting all problems.
+
+    In a process group a collective (every rank calls it, on the same checkpoint); before one
+    exists, or in a world of one, this process verifies every file.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return manifest.verify(path)
+    found = all_gather_objects(manifest.verify(path, dist.get_rank(), dist.get_world_size()))
+    if any(f is None for f in found):  # no manifest: every rank saw the same
+        return None
+    return sorted({p for f in found for p in f})
 
 
 def check_world_size(path: Path, world_size: int) -> None:

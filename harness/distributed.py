@@ -10,6 +10,8 @@ import contextlib
 import logging
 import os
 import socket
+import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -90,11 +92,35 @@ def init_runtime(precision: str, zero_stage: int, threads: Optional[int] = None,
                    local_rank=state.local_process_index, bf16=bf16, zero_stage=zero_stage)
 
 
-def shutdown() -> None:
-    """Destroy the process group: exiting without it can abort with 'terminate called ...'."""
+FAILED_EXIT_WITHIN = 15.0  # seconds a failing rank may spend tearing down its process group
+
+
+def _exit_now() -> None:
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Destroy the process group: exiting without it can abort with 'terminate called ...'.
+
+    ``wait_for_peers=False`` on a failure: no barrier, since the peers may be waiting in a
+    collective this rank will never join, and a barrier would hold both until a timeout. NCCL's
+    teardown can itself wait for peers (ncclCommAbort with a collective in flight: NVIDIA/nccl
+    issues 1013, 1777), so a failing rank that has not exited within ``FAILED_EXIT_WITHIN``
+    seconds exits anyway: its error is recorded and printed by then.
+    """
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        if wait_for_peers:
+            dist.barrier()
+        else:
+            deadline = threading.Timer(FAILED_EXIT_WITHIN, _exit_now)
+            deadline.daemon = True
+            deadline.start()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - already failing: the first error is the one to report
+            if wait_for_peers:
+                raise
 
 
 def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:

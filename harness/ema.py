@@ -109,11 +109,25 @@ class StudentEma:
         return self.decay
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        """Average the current weights in, after optimizer step ``step`` (every ``every``-th step)."""
+    def update(self, step: int, skipped: Optional[torch.Tensor] = None) -> None:
+        """Average the current weights in, after optimizer step ``step`` (every ``every``-th step).
+
+        ``skipped``: the non-finite guard's flag for this step (a 0-dim device tensor, 1 when the
+        step was skipped), read on the device with no host sync. A skipped step averages nothing
+        in. Its forward may also have left NaN BatchNorm statistics, which stay in the live
+        buffers until the guard's next check restores them (``guard.py``), while the steps in
+        between are not skipped: a non-finite element of a buffer is never averaged in, at any step.
+        """
         if step % self.every:
             return
-        torch._foreach_lerp_(self.shadow, self.live(), 1.0 - self.decay_at(step))
+        live, weight = self.live(), 1.0 - self.decay_at(step)
+        if skipped is None:
+            torch._foreach_lerp_(self.shadow, live, weight)
+            return
+        n = len(self.shadow) - self.n_buffers
+        # 0 * NaN is NaN: a zero weight alone would not keep NaN out, so such elements average the average
+        live = live[:n] + [torch.where(torch.isfinite(b), b, s) for s, b in zip(self.shadow[n:], live[n:])]
+        torch._foreach_lerp_(self.shadow, live, weight * (1.0 - skipped.float()))
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:

@@ -1,7 +1,11 @@
 """Checkpoint manifests: each file's size and CRC-32, so a damaged checkpoint is found before it is loaded.
 
 ``harness.checkpoint`` writes ``manifest.json`` into a checkpoint once every rank has written
-its files and before the checkpoint is published, and verifies it before a resume. A file that
+its files and before the checkpoint is published, and verifies it before a resume. Each byte
+is read once, by one rank: a file's checksum is computed by the rank that wrote it (from its
+page cache, in parallel), gathered into the manifest with the rank that wrote it; on resume
+each rank verifies its share (:func:`verify` with ``rank``, ``world_size``) and the ranks agree
+on one verdict. A file that
 is missing, shorter or longer than written (a copy cut short, a full quota on a shared file
 system) or changed in place (a flipped bit) is named, instead of torch failing to unpickle it
 or, worse, loading garbage.
@@ -37,28 +41,47 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != NAME)
 
 
-def write(directory: Path) -> None:
-    """Record every file under ``directory`` (its size and CRC-32) in ``<directory>/manifest.json``."""
-    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "crc32": crc32(p)}
-             for p in _files(directory)}
-    (directory / NAME).write_text(json.dumps({"checksum": "crc32", "files": files}, indent=1))
+def entries(directory: Path, files: list[Path], rank: int = 0) -> dict[str, dict]:
+    """Manifest entries (size, CRC-32, the writing ``rank``) of ``files`` under ``directory``."""
+    return {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "crc32": crc32(p), "rank": rank}
+            for p in files}
 
 
-def verify(directory: Path) -> Optional[list[str]]:
-    """What is wrong with the checkpoint in ``directory``: one line per bad file, [] if intact.
+def write(directory: Path, known: Optional[dict[str, dict]] = None) -> None:
+    """Record every file under ``directory`` in ``<directory>/manifest.json``.
+
+    ``known``: entries the writing ranks computed (:func:`entries`); any other file is read here.
+    """
+    files = dict(known or {})
+    files.update(entries(directory, [p for p in _files(directory) if p.relative_to(directory).as_posix() not in files]))
+    (directory / NAME).write_text(json.dumps({"checksum": "crc32", "files": dict(sorted(files.items()))}, indent=1))
+
+
+def share(files: dict[str, dict], rank: int, world_size: int) -> list[str]:
+    """The names rank ``rank`` of ``world_size`` verifies: those it wrote at the same world size (its
+    page cache, and what it loads next), else a deal by position; together every name exactly once."""
+    names = sorted(files)
+    return [n for i, n in enumerate(names) if files[n].get("rank", i) % world_size == rank]
+
+
+def verify(directory: Path, rank: int = 0, world_size: int = 1) -> Optional[list[str]]:
+    """What is wrong with this rank's share of the checkpoint in ``directory``: one line per bad file, [] if intact.
 
     None if it has no manifest (written before manifests existed): it cannot be verified.
-    Sizes are compared first, so a truncated file is named as such without reading it.
+    Sizes are compared first, so a truncated file is named as such without reading it. With
+    the defaults (a world of one) the share is every file.
     """
     path = directory / NAME
     if not path.is_file():
         return None
     try:
         files = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError, TypeError, OSError):
+        mine = share(files, rank, world_size)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
         return [f"{NAME} is unreadable"]
     problems = []
-    for name, expected in files.items():
+    for name in mine:
+        expected = files[name]
         file = directory / name
         if not file.is_file():
             problems.append(f"{name} is missing")

@@ -31,11 +31,23 @@ FAILURE_GLOB = "failure-rank*.json"
 DEFAULT_MAX_RESTARTS = 3
 
 
-def record_failure(output: str | Path, rank: int, cause: str, step: Optional[int], message: str) -> None:
-    """Write this rank's failure record; ``cause`` must read the same when the failure recurs (it is compared)."""
+def record_failure(output: str | Path, rank: int, cause: str, step: Optional[int], message: str,
+                   keep_since: Optional[float] = None) -> None:
+    """Write this rank's failure record; ``cause`` must read the same when the failure recurs (it is compared).
+
+    ``keep_since`` (a ``time.time()``): a record this rank wrote at or after it is kept, not
+    replaced. The watchdog passes its process's start: a rank that raised and then hung on the
+    way out keeps its real cause, not "hang".
+    """
     out = Path(output)
     if not out.is_dir():  # refused before an output folder existed (a local run): nothing to restart
         return
+    if keep_since is not None:
+        try:
+            if json.loads((out / f"failure-rank{rank}.json").read_text()).get("time", 0) >= keep_since:
+                return
+        except (OSError, ValueError, AttributeError):
+            pass  # none yet, or unreadable: write ours
     record = {"rank": rank, "cause": cause, "step": step, "message": message[:2000], "time": round(time.time(), 3)}
     tmp = out / f".failure-rank{rank}.json.tmp"
     tmp.write_text(json.dumps(record))

@@ -49,22 +49,31 @@ class StopSignals:
     preemption or the time limit: the batch script then requeues), and SIGTERM or a file
     ``<output>/stop``, each ask for a checkpoint at the next check and a clean exit. The files
     serve launchers that cannot deliver a signal to every rank (slurm/train.sbatch).
+
+    Only rank 0 (``poll_files``) looks at the files: the all-reduce shares its answer, and 511
+    more stat calls on a shared filesystem every few steps would add nothing. A file is never
+    cleared at start-up (a warning that arrives while the run starts must not be lost): the
+    batch script clears stale ones before it launches, and rank 0 removes the one it acted on
+    once the stop's checkpoint is written (:meth:`answered`).
     """
 
     FILES = {"requeue": "stop-requeue", "stop": "stop"}
 
-    def __init__(self, out: Path, clear: bool):
-        self.out = out
+    def __init__(self, out: Path, poll_files: bool):
+        self.out, self.poll_files = out, poll_files
         self.received = {"requeue": False, "stop": False}
-        if clear and out.is_dir():  # requests were for the previous incarnation of the job
-            for name in self.FILES.values():
-                (out / name).unlink(missing_ok=True)
         signal.signal(signal.SIGUSR1, lambda *_: self.received.__setitem__("requeue", True))
         signal.signal(signal.SIGTERM, lambda *_: self.received.__setitem__("stop", True))
 
+    def answered(self) -> None:
+        """The stop was checkpointed: its request file is spent (a --resume must not stop at once)."""
+        if self.poll_files:
+            for name in self.FILES.values():
+                (self.out / name).unlink(missing_ok=True)
+
     def agreed(self, device) -> Optional[str]:
         """'requeue' or 'stop' if any rank got a request (a collective: every rank must call)."""
-        asked = {k: v or (self.out / self.FILES[k]).exists() for k, v in self.received.items()}
+        asked = {k: v or (self.poll_files and (self.out / self.FILES[k]).exists()) for k, v in self.received.items()}
         flags = torch.tensor([float(asked["requeue"]), float(asked["stop"])], device=device)
         all_reduce(flags, "max")
         return "requeue" if flags[0] else "stop" if flags[1] else None
@@ -100,7 +109,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # `kill -USR2 <pid>` prints every thread's Python stack to stderr: where a stuck rank waits.
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     # Handlers first: a warning signal that arrives during start-up must not kill the process.
-    signals = StopSignals(Path(recipe.output), clear=os.environ.get("RANK", "0") == "0")
+    signals = StopSignals(Path(recipe.output), poll_files=os.environ.get("RANK", "0") == "0")
     rr = recipe.runtime
     rt = init_runtime(rr.precision, rr.zero_stage, rr.threads, rr.collective_timeout)
     watchdog = Watchdog(rr.progress_timeout, rt.rank, rt.world_size, recipe.output)
@@ -108,19 +117,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         starved = cores_warning(recipe.data.workers, rt.rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if starved:
             print(starved, file=sys.stderr, flush=True)
+    failed = True
     try:
         train(recipe, args, rt, signals, resume_from, watchdog)
+        checkpoint.finish_pruning()  # after the last save is published: off its critical path
+        failed = False
         return 0  # finished, or stopped on request with a checkpoint: both are clean exits
     except USER_ERRORS as e:
         record_failure(recipe.output, rt.rank, exception_cause(e), watchdog.step, str(e))
-        if rt.is_main:
-            print(f"error: {args.recipe}: {e}", file=sys.stderr)
+        # an error every rank met alike (agreed by a collective) is said once, by rank 0; any other by the
+        # rank that met it, naming itself
+        if not getattr(e, "all_ranks", isinstance(e, NonFiniteLoss)):  # NonFiniteLoss: agreed
+            print(f"error: rank {rt.rank}: {args.recipe}: {e}", file=sys.stderr, flush=True)
+        elif rt.is_main:
+            print(f"error: {args.recipe}: {e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:  # a crash: recorded for the restart decision (harness/restarts.py), then raised as ever
         record_failure(recipe.output, rt.rank, exception_cause(e), watchdog.step, repr(e))
+        print(f"error: rank {rt.rank} crashed: {exception_cause(e)} (its traceback follows)", file=sys.stderr, flush=True)
         raise
     finally:
-        shutdown()
+        # A failing rank must not wait for its peers: they may be inside a collective it will never
+        # join. Its exit closes its connections, their collective fails, and the launcher ends them.
+        shutdown(wait_for_peers=not failed)
 
 
 def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[Path]:
@@ -130,12 +149,13 @@ def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[Path]:
             raise RecipeError(f"`output` {recipe.output} already holds a run (checkpoint {found.name}); pass "
                               f"--resume to continue it, or choose another directory with --set output=...")
         return None
-    if resume == "latest":  # verified against its manifest; a damaged one falls back to an older one
-        return checkpoint.newest_intact(recipe.output)  # nothing saved yet: None, start from the beginning
+    # verified against its manifest once the process group exists (each rank reads a share: train)
+    if resume == "latest":
+        return checkpoint.latest(recipe.output) or checkpoint.newest_published(recipe.output)  # None: start afresh
     path = Path(resume)
     if not path.is_dir():
         raise RecipeError(f"--resume {resume}: no such checkpoint directory")
-    return checkpoint.verified(path)
+    return path
 
 
 def refused(message: str) -> int:
@@ -216,6 +236,8 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
                    **{f"{i}:{t.model}": teacher for i, (t, teacher) in enumerate(zip(recipe.teachers, distiller.viewed_teachers()))}}
 
     # --- state: fresh or resumed
+    if resume_from is not None:  # verified: each rank reads a share, one verdict; a damaged latest falls back
+        resume_from = checkpoint.newest_intact(out) if args.resume == "latest" else checkpoint.verified(resume_from)
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from, bias_opt)
         load_ema(ema, state, resume_from, rr.zero_stage)
@@ -254,6 +276,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
             log.write("adapt", epoch=epoch, step=state["step"])
         distiller.train()
         if not loop.train_epoch(epoch, state):
+            signals.answered()
             progress.message(f"stopped at step {state['step']} ({state.get('stopped_by') or 'as asked'}), "
                              f"checkpointed; continue with --resume")
             return state
@@ -381,10 +404,11 @@ class Loop:
                 sums[k] = sums.get(k, 0) + v.detach().float().nan_to_num(0.0, 0.0, 0.0) * finite
             if not boundary:
                 continue
+            skipped = self.guard.bad.clone() if self.ema is not None else None  # stepped() clears the flag
             self.guard.stepped()
             state["step"] += 1
             if self.ema is not None:
-                self.ema.update(state["step"])
+                self.ema.update(state["step"], skipped)
             self.watchdog.beat(state["step"])
             if state["step"] % rr.log_every == 0:
                 now = time.perf_counter()

@@ -13,6 +13,11 @@ thread also ticks a heartbeat key in the launcher's rendezvous store (torchrun h
 agent, not in a training process). A peer that is waiting in a collective still ticks; one
 that is SIGSTOPped, killed or on a lost node does not.
 
+That store is one process, which the launcher and NCCL's bootstrap use too, so the load on it
+must not grow with ranks squared: each rank writes its own tick (one request per interval) and
+reads its peers' only when it is about to fire, in one ``multi_get`` per interval, for long
+enough before firing to tell a silent peer (``_watching``). Measured by ``bench/heartbeats.py``.
+
 A rank it ends leaves a failure record (``harness/restarts.py``) naming the cause and the step.
 """
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Watchdog:
         self.interval = min(10.0, max(0.5, (timeout or 60) / 20))
         self.peers: dict[int, tuple[str, float]] = {}  # rank -> (last tick seen, local time it changed)
         self.started = time.monotonic()
+        self.started_wall = time.time()  # records this process wrote from here on hold a cause: kept
         self._store = None
         if timeout is not None:
             threading.Thread(target=self._run, name="harness-watchdog", daemon=True).start()
@@ -75,19 +81,34 @@ class Watchdog:
                                         timeout=timedelta(seconds=max(5.0, 2 * self.interval)))
         return self._store
 
+    def _watching(self) -> bool:
+        """Whether the peers' ticks are read now: within the last stretch before this rank would fire.
+
+        That stretch is long enough for a peer to go unchanged for ``_silent``'s limit, plus two
+        intervals of slack, so a rank fires knowing which peers are silent.
+        """
+        if self.last is None or self.timeout is None:
+            return False
+        lead = 3 * self.interval + 2 + 2 * self.interval
+        return time.monotonic() - self.last > self.timeout - lead
+
     def _exchange(self, tick: int) -> None:
-        """Publish this rank's heartbeat and note when each peer's last changed."""
+        """Publish this rank's heartbeat (one request); when about to fire, note when each peer's last changed."""
         try:
             store = self._connect()
             if store is None:
                 return
             store.set(f"harness-watchdog/{self.rank}", str(tick))
+            if not self._watching():
+                return
+            peers = [p for p in range(self.world_size) if p != self.rank]
+            keys = [f"harness-watchdog/{p}" for p in peers]
+            if not store.check(keys):  # a peer never started its watchdog (multi_get would wait for it): those that did
+                peers = [p for p, key in zip(peers, keys) if store.check([key])]
+                keys = [f"harness-watchdog/{p}" for p in peers]
             now = time.monotonic()
-            for peer in range(self.world_size):
-                key = f"harness-watchdog/{peer}"
-                if peer == self.rank or not store.check([key]):
-                    continue
-                value = store.get(key).decode()
+            for peer, value in zip(peers, store.multi_get(keys) if keys else []):
+                value = value.decode()
                 if self.peers.get(peer, ("", 0.0))[0] != value:
                     self.peers[peer] = (value, now)
         except Exception:  # noqa: BLE001 - an unreachable store is itself reported by _silent()
@@ -122,6 +143,6 @@ class Watchdog:
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         print(message, file=sys.stderr, flush=True)  # again below the stacks, where a log's reader looks
         try:
-            record_failure(self.output, self.rank, cause, self.step, message)
+            record_failure(self.output, self.rank, cause, self.step, message, keep_since=self.started_wall)
         finally:
             os._exit(HANG_EXIT)

@@ -59,7 +59,43 @@ def initialize(model: nn.Module, optimizer, rt: "Runtime", micro_batch: int, gra
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     _share_master_partitions(engine.optimizer)
     _skip_per_step_relink(engine.optimizer)
+    check_patches(engine.optimizer, rt.zero_stage, deepspeed.__version__)
     return engine
+
+
+class DeepSpeedPatchError(DeepSpeedVersionError):
+    """A patch of DeepSpeed's ZeRO optimizer found nothing to patch: its internals differ from the tested ones."""
+
+
+def check_patches(zero, stage: int, version: str) -> None:
+    """Stop before training unless both patches took, naming the DeepSpeed ``version``.
+
+    Each patch returns quietly when what it looks for is absent, so a DeepSpeed whose internals
+    moved would otherwise train with a second fp32 copy and a per-step relink, or with
+    weights the optimizer no longer steps, and no message. Every rank checks its own optimizer
+    and all meet the same internals, so all stop alike.
+    """
+    problems = []
+    pairs = _master_pairs(zero)
+    if pairs is None:
+        problems.append("its ZeRO optimizer has neither `fp32_partitioned_groups_flat` (stage 3) nor "
+                        "`single_partition_of_fp32_groups` (stages 1-2), so the fp32 master partitions were not shared")
+    else:
+        pairs = list(pairs)
+        separate = sum(1 for master, partition in pairs
+                       if partition is None or master.data_ptr() != partition.data_ptr())
+        if not pairs or separate:
+            problems.append(f"{separate if pairs else 'no'} of its {len(pairs)} fp32 master partition(s) "
+                            f"{'still hold a separate copy of' if pairs else 'were found beside'} the weights' partitions")
+    if stage in (1, 2) and getattr(zero.step, "__name__", "") != "step_without_relink":
+        problems.append("its stage-1/2 optimizer has no `_update_model_bit16_weights`, so the per-step relink was not skipped")
+    if problems:
+        error = DeepSpeedPatchError(
+            f"DeepSpeed {version}: harness/zero.py's patches of the ZeRO optimizer did not take ({'; '.join(problems)}). "
+            f"They were tested with DeepSpeed {', '.join(SUPPORTED_DEEPSPEED)} only; install one: `pip install -c "
+            f"constraints.txt deepspeed=={SUPPORTED_DEEPSPEED[-1]}`, or run with `runtime.zero_stage: 0`")
+        error.all_ranks = True  # every rank meets the same DeepSpeed: said once
+        raise error
 
 
 def _skip_per_step_relink(zero) -> None:
@@ -99,14 +135,9 @@ def _share_master_partitions(zero) -> None:
     step the weights in place (the same objects stay in the optimizer, its state keyed as
     before; the copy back becomes a copy onto itself, which torch skips).
     """
-    if hasattr(zero, "fp32_partitioned_groups_flat"):  # stage 3
-        pairs = zip(zero.fp32_partitioned_groups_flat or [], zero.fp16_partitioned_groups_flat or [])
-    elif hasattr(zero, "single_partition_of_fp32_groups"):  # stages 1-2
-        pairs = ((master, partitions[dist.get_rank(group=zero.real_dp_process_group[i])])
-                 for i, (master, partitions) in enumerate(zip(zero.single_partition_of_fp32_groups,
-                                                                 zero.parallel_partitioned_bit16_groups)))
-    else:
-        return
+    pairs = _master_pairs(zero)
+    if pairs is None:
+        return  # check_patches says so
     shared = False
     for master, partition in pairs:
         if (partition is not None and master is not partition and master.dtype == partition.dtype
@@ -118,6 +149,17 @@ def _share_master_partitions(zero) -> None:
         # stages 1-2 keep each weight's view of its fp32 fragment (``safe_get_full_fp32_param``
         # and universal checkpoints read them): rebuild the views over the shared storage
         zero._link_all_hp_params()
+
+
+def _master_pairs(zero):
+    """(fp32 master partition, this rank's weight partition) pairs of a ZeRO optimizer; None if it has neither kind."""
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # stage 3
+        return zip(zero.fp32_partitioned_groups_flat or [], zero.fp16_partitioned_groups_flat or [])
+    if hasattr(zero, "single_partition_of_fp32_groups"):  # stages 1-2
+        return ((master, partitions[dist.get_rank(group=zero.real_dp_process_group[i])])
+                for i, (master, partitions) in enumerate(zip(zero.single_partition_of_fp32_groups,
+                                                                zero.parallel_partitioned_bit16_groups)))
+    return None
 
 
 def deepspeed_config(rt: "Runtime", micro_batch: int, grad_accum: int, grad_clip: Optional[float],

@@ -58,3 +58,41 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(work, digits)
     assert result.returncode != 0  # accelerate turns the run's exit status 2 into 1
     assert f"error: {recipe}: no intact checkpoint under {saved} to resume from" in result.stderr
     assert 'run.py", line' not in result.stderr and "damaged (" not in result.stderr.split("error:")[0]
+
+
+def test_each_rank_verifies_its_share_and_together_every_file_once(tmp_path):
+    files = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt": {"bytes": 1, "crc32": "0", "rank": r} for r in range(4)}
+    files["mp_rank_00_model_states.pt"] = {"bytes": 1, "crc32": "0", "rank": 0}
+    files["old.pt"] = {"bytes": 1, "crc32": "0"}  # written before entries named their rank: dealt by position
+    for world in (1, 2, 3, 4, 8):
+        shares = [manifest.share(files, r, world) for r in range(world)]
+        assert sorted(n for s in shares for n in s) == sorted(files), world  # each file exactly once
+    assert manifest.share(files, 3, 4) == ["zero_pp_rank_3_mp_rank_00_optim_states.pt"]  # what rank 3 wrote
+    saved = tmp_path / "epoch0001"
+    saved.mkdir()
+    for name in files:
+        (saved / name).write_bytes(b"x" * 100)
+    manifest.write(saved, manifest.entries(saved, [saved / "zero_pp_rank_1_mp_rank_00_optim_states.pt"], rank=1))
+    flip_a_bit(saved / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert manifest.verify(saved, 0, 2) == []  # not rank 0's to read
+    assert manifest.verify(saved, 1, 2) == ["zero_pp_rank_1_mp_rank_00_optim_states.pt is damaged (its CRC-32 "
+                                            "differs from the one written)"]
+
+
+def test_at_two_ranks_the_writers_checksum_their_files_and_a_damaged_partition_is_agreed_on(work, digits):
+    """ZeRO-2 at 2 processes: each rank's partition is recorded with its writer; damage in rank 1's partition
+    is found by rank 1 alone and both ranks resume from the older checkpoint."""
+    import json
+
+    recipe = tiny_recipe(work, digits, "shared-verify", schedule={"epochs": 3}, runtime={"zero_stage": 2})
+    run, saved = work / "shared-verify", work / "shared-verify" / "checkpoints"
+    assert launch([str(recipe), "--stop-after-epochs", "2"], cwd=work, processes=2).returncode == 0
+    files = json.loads((saved / "epoch0002" / manifest.NAME).read_text())["files"]
+    partition = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert files[partition]["rank"] == 1 and files["zero_pp_rank_0_mp_rank_00_optim_states.pt"]["rank"] == 0
+    assert all(entry["rank"] == 0 for name, entry in files.items() if "zero_pp_rank_" not in name)
+    flip_a_bit(saved / "epoch0002" / partition)
+    result = launch([str(recipe), "--resume", "--stop-after-epochs", "1"], cwd=work, processes=2)
+    assert result.returncode == 0
+    assert f"checkpoint {saved / 'epoch0002'} is damaged ({partition} is damaged" in result.stderr
+    assert records(run, "resume")[-1]["checkpoint"] == str(saved / "epoch0001")

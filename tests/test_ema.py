@@ -115,3 +115,46 @@ def test_resume_with_ema_from_a_checkpoint_without_one_is_refused(work, digits, 
     assert refused.returncode != 0
     assert "holds no EMA of the student" in refused.stderr and "runtime.ema=null" in refused.stderr
     assert 'harness/run.py", line' not in refused.stderr  # one message, no traceback of ours
+
+
+POISON_ONE_BATCH = """
+import sys
+sys.path.insert(0, {root!r})
+from harness import run
+
+build_loaders = run.build_loaders
+
+def poisoned_loaders(*args, **kwargs):  # batch 7 of the first epoch is all NaN: a non-finite loss, NaN BatchNorm statistics
+    train, val = build_loaders(*args, **kwargs)
+    epoch = train.epoch
+
+    def batches(number, resume=None):
+        for i, (x, y) in enumerate(epoch(number, resume)):
+            yield (x * float("nan") if number == 0 and i == 7 else x), y
+
+    train.epoch = batches
+    return train, val
+
+run.build_loaders = poisoned_loaders
+if __name__ == "__main__":  # not in the loader workers, which import this module as their __main__
+    sys.exit(run.main())
+"""
+
+
+def test_a_skipped_non_finite_step_leaves_every_ema_average_finite(work, digits):
+    from conftest import LAUNCH_ENV, ROOT, launch_command
+    import subprocess
+
+    recipe = tiny_recipe(work, digits, "ema-nan", schedule={"epochs": 1},
+                         runtime={"log_every": 5, "signal_check_every": 5, "ema": {"decay": 0.9}})
+    script = work / "poison_one_batch.py"
+    script.write_text(POISON_ONE_BATCH.format(root=str(ROOT)))
+    cmd = [str(script) if c == str(ROOT / "harness" / "run.py") else c for c in launch_command([str(recipe)])]
+    result = subprocess.run(cmd, cwd=work, env=LAUNCH_ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = work / "ema-nan"
+    assert records(run, "nonfinite")[0]["skipped"] == 1  # the poisoned step was met and skipped
+    averaged = load_file(str(run / "student-ema.safetensors"))
+    bad = [k for k, v in averaged.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    assert not bad, bad  # BatchNorm statistics included
+    assert summary(run)["student_ema"]["top1"] > 0.3

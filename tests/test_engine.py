@@ -220,3 +220,37 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_a_deepspeed_patch_that_does_not_take_stops_before_training_naming_the_version():
+    """harness.zero.check_patches: a DeepSpeed whose ZeRO internals moved is refused, not trained with silently."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from harness.zero import DeepSpeedPatchError, check_patches
+
+    with pytest.raises(DeepSpeedPatchError, match=r"DeepSpeed 9\.9\.9: .*neither `fp32_partitioned_groups_flat`"):
+        check_patches(SimpleNamespace(step=lambda: None), 3, "9.9.9")  # internals renamed: nothing to patch
+    # a real stage-2 engine whose master partitions were left unshared (the patch found nothing it could share)
+    script = """
+import deepspeed, pytest, torch
+from harness import zero
+from harness.distributed import init_runtime, shutdown
+from harness.engine import build_engine
+import tests.test_engine as T
+
+rt = init_runtime("fp32", 2, 1)
+recipe = T.tiny("atsc")
+d, _ = T.build_method(recipe, load_weights=False)
+opt = T.build_optimizer(d.param_groups(), recipe.optim, recipe.method.anchor_weight)
+zero._share_master_partitions = lambda optimizer: None
+with pytest.raises(zero.DeepSpeedPatchError) as raised:
+    build_engine(d, opt, rt, 8, 1, None)
+assert f"DeepSpeed {deepspeed.__version__}:" in str(raised.value) and "separate copy" in str(raised.value), raised.value
+shutdown()
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -47,3 +47,17 @@ def test_a_requeue_by_slurm_itself_counts_as_a_restart(tmp_path, capsys):
     main(["started", str(tmp_path), "--job", "7", "--slurm-restarts", "2"])  # the node failed: nobody recorded it
     assert "requeued by SLURM without the batch script" in capsys.readouterr().out
     assert records(tmp_path, "restart")[0]["restart"] == 1
+
+
+def test_a_watchdog_never_replaces_a_record_that_holds_the_real_cause(tmp_path):
+    import json
+    import time
+
+    started = time.time()
+    record_failure(tmp_path, 1, "OSError: disk gone", 7, "OSError('disk gone')")
+    # what harness/watchdog.py writes when the rank that raised then hung on its way out
+    record_failure(tmp_path, 1, "hang: no rank progressed", 7, "no step", keep_since=started)
+    assert json.loads((tmp_path / "failure-rank1.json").read_text())["cause"] == "OSError: disk gone"
+    # a record left by an earlier process (before this one started) is not this failure's cause: replaced
+    record_failure(tmp_path, 1, "hang: no rank progressed", 9, "no step", keep_since=time.time() + 1)
+    assert json.loads((tmp_path / "failure-rank1.json").read_text())["cause"] == "hang: no rank progressed"

@@ -252,3 +252,38 @@ def test_shards_array_job_with_a_task_killed_mid_write_reruns_to_identical_shard
     for name in written:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     assert json.loads((out / "_info.json").read_text()) == json.loads((reference / "_info.json").read_text())
+
+
+def test_a_warning_during_start_up_still_ends_in_a_checkpoint_and_a_requeue(work, digits):
+    """The stop request of a SIGUSR1 that arrives before the first step is kept (slurm/train.sbatch clears
+    stale ones before srun; the run no longer clears them when it starts) and answered at the first check."""
+    recipe = tiny_recipe(work, digits, "slurm-early-warning", schedule={"epochs": 2},
+                         runtime={"log_every": 2, "signal_check_every": 2})
+    run = work / "slurm-early-warning"
+    run.mkdir()
+    (run / "stop-requeue").touch()  # left by an earlier incarnation: must not stop this one
+    job = submit(recipe)
+    # the step's launcher has started (so has the batch script's trap), but no step is trained: the run starts up
+    wait_for(lambda: bool(processes(str(recipe), "harness/run.py")), 180, "the training step to start", poll=0.05)
+    assert trained_steps(run) == 0
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1@120 sends
+    warned = time.time()
+    wait_for(lambda: job_field(job, "JobState") == "COMPLETED" and (run / "summary.json").exists(), 600,
+             "the requeued job")
+    log = (ROOT / "logs" / f"atsc-{job}.out").read_text()
+    assert "SIGUSR1: checkpointing for requeue" in log and "requeueing job" in log and "(restart 1)" in log, log[-3000:]
+    assert [r["job"] for r in records(run, "preempted")] == [job]
+    resumed = [r for r in records(run, "resume") if r["time"] > warned]
+    assert resumed and resumed[0]["step"] == 2, resumed  # checkpointed at the first check after the warning
+    assert not (run / "stop-requeue").exists()  # answered, so a later --resume runs on
+
+
+def test_set_values_with_spaces_braces_and_quotes_reach_the_run_unchanged(work, digits):
+    recipe = tiny_recipe(work, digits, "slurm-args", schedule={"epochs": 1})
+    output = work / "runs" / "a b"
+    train = f"{digits / 'train'}/train-{{000000..000003}}.tar"  # webdataset's brace notation, not the shell's
+    job = submit(recipe, f"output={output}", f"data.train={train}", "optim.lr=0.1", "name=it's \"quoted\"")
+    finished_log(job)
+    ran = yaml.safe_load((output / "recipe.yaml").read_text())  # what harness/run.py read
+    assert ran["output"] == str(output) and ran["data"]["train"] == train and ran["name"] == "it's \"quoted\""
+    assert (output / "summary.json").exists()

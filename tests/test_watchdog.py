@@ -57,3 +57,42 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
     except (OSError, IndexError):
         return True
+
+
+def test_heartbeats_cost_the_store_a_constant_number_of_requests_per_rank(tmp_path):
+    """One request per rank per interval while ranks progress, three (a set, a check, one multi_get) when about
+    to fire, whatever the world size; and a peer that stopped ticking is still found silent."""
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from heartbeats import Counting
+
+    from harness.watchdog import Watchdog
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    for world in (4, 16):
+        dogs = []
+        for rank in range(world):
+            dog = Watchdog(None, rank, world, tmp_path)
+            dog._store = Counting(dist.TCPStore("127.0.0.1", server.port, is_master=False, timeout=timedelta(seconds=30)))
+            dog.timeout, dog.interval, dog.last = 600.0, 0.5, time.monotonic()
+            dogs.append(dog)
+        for dog in dogs:
+            dog._exchange(1)
+        assert [d._store.requests for d in dogs] == [1] * world  # steady: this rank's tick only
+        # a set is not answered: wait until the server holds every tick, as seconds of training would
+        wait_for(lambda: server.check([f"harness-watchdog/{r}" for r in range(world)]), 10, "the ticks", poll=0.01)
+        for dog in dogs:
+            dog.last = time.monotonic() - 599  # about to fire
+            dog._exchange(2)
+        assert [d._store.requests for d in dogs] == [4] * world
+        silent = dogs[-1]
+        for tick in range(3, 12):  # every rank but the last keeps ticking, long enough to exceed _silent's limit
+            for dog in dogs[:-1]:
+                dog._exchange(tick)
+            time.sleep(0.5)
+        assert sorted(dogs[0]._silent()) == [world - 1], dogs[0]._silent()
+        assert dogs[0]._store.requests == 4 + 9 * 3
