@@ -201,6 +201,12 @@ class Distiller(nn.Module):
     def student_side(self) -> Iterator[nn.Parameter]:
         return self.student.parameters()
 
+    def parts(self) -> list[nn.Module]:
+        """The student, each teacher and the method's own modules: each names its own parameters
+        (a timm model's ``no_weight_decay()`` is relative to the model)."""
+        own = [m for name, m in self.named_children() if name not in ("student", "teachers")]
+        return [self.student, *self.teachers, *own]
+
     def bias_parameters(self) -> list[nn.Parameter]:
         """Classifier biases stepped by the separate bias step (two-pass mode only)."""
         return []

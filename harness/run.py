@@ -33,7 +33,7 @@ from harness.guard import NonFiniteGuard, NonFiniteLoss
 from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
 from harness.tracking import check_trackers, tracking_for
 from harness.models import ModelError
-from harness.optim import LRSchedule, bias_optimizer, build_optimizer, peak_lr, set_lr, set_teachers_trainable
+from harness.optim import LRSchedule, bias_optimizer, build_optimizer, decay_groups, peak_lr, set_lr, set_teachers_trainable
 from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
 from harness.resources import cores_warning
 from harness.restarts import exception_cause, record_failure
@@ -205,7 +205,8 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
         (out / "recipe.yaml").write_text(to_yaml(recipe))
     log = MetricsLog(out / "metrics.jsonl", rt.is_main, tracking_for(recipe, rt.is_main))
     global_batch = d.batch_size * rt.world_size * rr.grad_accum
-    optimizer = build_optimizer(distiller.param_groups(), recipe.optim, m.anchor_weight)
+    optimizer = build_optimizer(decay_groups(distiller.param_groups(), distiller.parts(), recipe.optim), recipe.optim,
+                                m.anchor_weight)
     two_pass = m.name == "atsc" and m.bias_step == "two_pass"
     bias_opt = bias_optimizer(distiller.bias_parameters(), recipe.optim) if two_pass else None
     engine = build_engine(distiller, optimizer, rt, d.batch_size, rr.grad_accum, recipe.optim.grad_clip, rr.compile)
