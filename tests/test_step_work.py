@@ -7,7 +7,7 @@ from torch import nn
 
 from harness.build import build_distiller
 from harness.optim import AnchoredAdamW, AnchoredSGD, build_optimizer, decay_groups, set_lr, set_teachers_trainable
-from tests.test_method import STUDENT_PRE, batch, models, recipe
+from test_method import STUDENT_PRE, batch, models, recipe
 
 
 # ----------------------------------------------------------------------------- the anchored step
@@ -148,3 +148,128 @@ def test_the_vit_recipe_uses_timms_groups_and_the_paper_recipes_do_not():
     assert load_recipe(str(root / "imagenet-vitl-vits.yaml"), [], check_files=False).optim.decay_groups == "timm"
     for path in [root / "imagenet.yaml", *sorted((root / "cifar100").glob("*-*.yaml"))]:
         assert load_recipe(str(path), [], check_files=False).optim.decay_groups == "all", path
+
+
+# ----------------------------------------------------------------------------- what DDP reduces
+
+
+def _shipped_configs() -> list[tuple[str, list[str]]]:
+    """Every shipped recipe with its models small enough for CPU (test_recipes' stand-ins; the
+    ImageNet-sized ResNet recipe on test_resnet), 10 classes: (name, overrides)."""
+    from test_recipes import RECIPES, ROOT, STAND_INS
+
+    from harness.recipe import load_recipe
+
+    configs = []
+    for path in RECIPES:
+        name = str(path.relative_to(ROOT / "recipes"))[:-len(".yaml")]
+        student, teachers, extra = STAND_INS.get(name, ("test_resnet", ["test_resnet"], ["data.image_size=32"])
+                                                 if name == "imagenet" else (None, [], []))
+        sets = ["data.num_classes=10", "data.batch_size=4", "runtime.ema=null", *extra]
+        sets += [f"student.model={student}"] if student else []
+        sets += [f"teachers.{k}.model={t}" for k, t in enumerate(teachers)]
+        for k in range(len(load_recipe(path, check_files=False).teachers)):  # no weights are read: random ones
+            sets += [f"teachers.{k}.hub=null", f"teachers.{k}.checkpoint=unused.pth"]
+        configs.append((str(path), sets))
+    return configs
+
+
+def _ddp_worker(rank: int, world: int, init: str, configs: list, out: str) -> None:
+    import json
+    import os
+    import warnings
+
+    import torch.distributed as dist
+
+    from harness.build import build_method
+    from harness.distributed import Runtime
+    from harness.engine import two_pass_bias_step
+    from harness.local_engine import LocalEngine
+    from harness.recipe import load_recipe
+
+    # PyTorch's DDP warnings come from C++ (once per process), to the process's stderr
+    log = open(f"{out}.stderr{rank}", "w")
+    os.dup2(log.fileno(), 2)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    rt = Runtime(device=torch.device("cpu"), rank=rank, world_size=world, local_rank=rank, bf16=False, zero_stage=0)
+    report = {}
+    for path, sets in configs:
+        r = load_recipe(path, sets, check_files=False)
+        torch.manual_seed(0)
+        d, _ = build_method(r, load_weights=False)
+        opt = build_optimizer(decay_groups(d.param_groups(), d.parts(), r.optim), r.optim, r.method.anchor_weight)
+        two_pass = r.method.name == "atsc" and r.method.bias_step == "two_pass"
+        bias_opt = build_optimizer([{"params": d.bias_parameters(), "role": "teacher"}], r.optim, 0.0) if two_pass else None
+        engine = LocalEngine(d, opt, rt, grad_accum=1, grad_clip=None)
+        frozen_steps = 2 if r.method.name != "atsc" or r.method.adapt_after > 0 else 0
+        size, facts = r.data.image_size, {"steps": []}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(frozen_steps + (2 if r.method.name == "atsc" else 0)):
+                if step == frozen_steps and r.method.name == "atsc":  # what run.train does when adaptation starts
+                    opt.start_adaptation()
+                    set_teachers_trainable(opt, True)
+                    d.set_adapting(True)
+                elif step == 0:
+                    set_teachers_trainable(opt, False)
+                d.train()
+                g = torch.Generator().manual_seed(100 * step + rank)  # each rank its own batch
+                x, y = torch.randn(4, 3, size, size, generator=g), torch.randint(0, 10, (4,), generator=g)
+                set_lr(opt.param_groups, 0.01)
+                loss, _ = engine(x, y)
+                engine.backward(loss)
+                engine.step()
+                if bias_opt is not None and d.adapting:
+                    set_lr(bias_opt.param_groups, 0.01)
+                    two_pass_bias_step(d, bias_opt, x, y, rt)
+                names = {id(p): n for n, p in d.named_parameters()}
+                reduced = {names[id(p)] for p in engine.ddp._module_parameters if id(p) in names}
+                facts["steps"].append({"adapting": d.adapting, "find_unused": engine.ddp.find_unused_parameters,
+                                       "teachers_reduced": sorted(n for n in reduced if n.startswith("teachers.")),
+                                       "head_reduced": sorted(n for n in reduced if n.startswith("student.")
+                                                              and n in _head_names(d))})
+        facts["warnings"] = [str(w.message) for w in caught if "unused" in str(w.message)]
+        checksum = torch.stack([p.detach().double().sum() for p in d.parameters()])
+        gathered = [torch.zeros_like(checksum) for _ in range(world)]
+        dist.all_gather(gathered, checksum)
+        facts["ranks_agree"] = all(torch.equal(gathered[0], t) for t in gathered[1:])
+        facts["method"], facts["ce_kd"] = r.method.name, bool(r.method.ce_weight or r.method.kd_weight)
+        report[path] = facts
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(report, f)
+    dist.destroy_process_group()
+
+
+def _head_names(d) -> set[str]:
+    head = d.student.get_classifier()
+    return {f"student.{n}" for n, p in d.student.named_parameters() if any(p is q for q in head.parameters())}
+
+
+def test_ddp_reduces_only_what_a_step_reaches_in_every_shipped_recipe(tmp_path):
+    """Two processes, every shipped recipe's method and model families: DDP never searches for
+    unused parameters (and PyTorch never warns that it found none), frozen teachers and the
+    unused own head are not reduced, adapting teachers are, and both ranks end with the same
+    weights (nothing that got a gradient was left out of the reduction)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "report.json"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), _shipped_configs(), str(out)), nprocs=2, join=True)
+    report = json.loads(out.read_text())
+    assert len(report) >= 20
+    for rank in range(2):
+        assert "unused parameters" not in (tmp_path / f"report.json.stderr{rank}").read_text()
+    for path, facts in report.items():
+        assert facts["warnings"] == [], path
+        assert facts["ranks_agree"], path
+        for step in facts["steps"]:
+            assert step["find_unused"] is False, path
+            if not step["adapting"]:
+                assert step["teachers_reduced"] == [], path
+            else:
+                assert step["teachers_reduced"], path
+            if facts["method"] in ("simkd", "atsc") and not facts["ce_kd"]:
+                assert step["head_reduced"] == [], path
