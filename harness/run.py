@@ -30,7 +30,7 @@ from harness.engine import base_optimizer, build_engine, two_pass_bias_step
 from harness.evaluation import evaluate
 from harness.export import full_state_dict, save_student, student_config
 from harness.guard import NonFiniteGuard, NonFiniteLoss
-from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
+from harness.metrics import MetricsLog, Progress, StepSums, memory_gb, summary_table
 from harness.tracking import check_trackers, tracking_for
 from harness.models import ModelError
 from harness.optim import LRSchedule, bias_optimizer, build_optimizer, decay_groups, peak_lr, set_lr, set_teachers_trainable
@@ -351,9 +351,10 @@ class Loop:
             resume = Position(**positions[rt.rank])
         batches_total = self.loader.batches_in_epoch(epoch)
         images_per_micro = self.recipe.data.batch_size * rt.world_size
-        sums: dict[str, torch.Tensor] = {}
+        sums = StepSums()
         micro_steps, window_micro, window_wait = 0, 0, 0.0
         epoch_start = window_start = time.perf_counter()
+        self.reseed(epoch, resume.batches if resume else 0)
         batches = iter(self.loader.epoch(epoch, resume))
         while True:
             wait_start = time.perf_counter()
@@ -362,26 +363,25 @@ class Loop:
             if batch is None:
                 break
             x, y = batch  # on the device, normalised
-            # dropout and friends: a function of (seed, epoch, batch, rank), so a resume replays it
-            torch.manual_seed(hash((rr.seed, epoch, self.loader.position.batches, rt.rank)) & 0xFFFFFFFF)
             lr = self.lr0 * self.schedule.factor(epoch + self.loader.position.batches / batches_total)
             set_lr(self.inner.param_groups, lr)
             self.inner.track_anchor = self.distiller.adapting and (state["step"] + 1) % rr.log_every == 0
             loss, terms = self.engine(x, y)
-            finite = 1.0 - self.guard.observe(loss)  # a NaN/inf anywhere skips this step on every rank
+            self.guard.observe(loss)
             self.engine.backward(loss)
             boundary = self.engine.is_gradient_accumulation_boundary()
+            if boundary:
+                self.guard.agree()  # a NaN/inf in any micro-step on any rank skips this step on every rank
             self.engine.step()
             micro_steps, window_micro = micro_steps + 1, window_micro + 1
             terms = {"loss": loss, **terms}
             if boundary and self.bias_opt is not None and self.distiller.adapting:
                 set_lr(self.bias_opt.param_groups, lr)
                 terms["bias_two_pass"] = two_pass_bias_step(self.distiller, self.bias_opt, x, y, rt)
-            # summed on the device (no host sync per step), skipped steps left out of the means
-            for k, v in {**terms, "_finite": finite}.items():
-                sums[k] = sums.get(k, 0) + v.detach().float().nan_to_num(0.0, 0.0, 0.0) * finite
+            sums.add(terms)  # on the device: read at logging steps only
             if not boundary:
                 continue
+            sums.close_step(self.guard.bad)
             self.guard.stepped()
             state["step"] += 1
             if self.ema is not None:
@@ -389,23 +389,10 @@ class Loop:
             self.watchdog.beat(state["step"])
             if state["step"] % rr.log_every == 0:
                 now = time.perf_counter()
-                totals = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
-                kept = totals.pop("_finite")  # micro-steps not skipped; none: every step was non-finite
-                values = {k: v / kept if kept else math.nan for k, v in totals.items()}
-                extra: dict[str, Any] = {}  # fields that are not one number
-                if self.distiller.adapting and any(g.get("anchor") for g in self.inner.param_groups):
-                    values["anchor"] = anchor_value(self.inner, rt)
-                    extra["anchor_dist"] = anchor_distances(self.inner, rt, self.teacher_names)
-                ips = images_per_micro * window_micro / (now - window_start)
-                remaining = epochs * self.steps_per_epoch - state["step"]
-                self.log.write("train", epoch=epoch, step=state["step"], lr=lr, images_per_s=round(ips, 1),
-                               data_wait=round(window_wait / (now - window_start), 4),
-                               data_skipped=self.loader.position.skipped, steps_skipped=state.get("steps_skipped", 0),
-                               memory_gb=round(memory_gb(rt.device), 3),
-                               **{k: round(v, 6) for k, v in values.items()}, **extra)
-                self.progress.update(state["step"], epoch, epochs, values["loss"], ips,
-                                     remaining * rr.grad_accum * (now - window_start) / window_micro)
-                sums, window_micro, window_wait, window_start = {}, 0, 0.0, now
+                self.log_window(state, epoch, lr, sums, images_per_micro * window_micro / (now - window_start),
+                                window_wait / (now - window_start),
+                                rr.grad_accum * (now - window_start) / window_micro)
+                window_micro, window_wait, window_start = 0, 0.0, now
             stop = self.stop_at is not None and state["step"] >= self.stop_at
             checking = state["step"] % rr.signal_check_every == 0
             if checking:
@@ -420,10 +407,37 @@ class Loop:
                 self.save(state, f"epoch{epoch:04d}-step{state['step']:08d}")
                 if stop:
                     return False
+                self.reseed(epoch, self.loader.position.batches)  # as a resume from this checkpoint will
         self.check_nonfinite(state, epoch)  # nothing non-finite is carried into an evaluation or a checkpoint
         elapsed = time.perf_counter() - epoch_start
         self.images_per_s = images_per_micro * micro_steps / elapsed if elapsed > 0 else math.nan
         return True
+
+    def reseed(self, epoch: int, batches: int) -> None:
+        """Seed dropout and friends from (seed, epoch, batch position, rank) where a run can resume.
+
+        At an epoch's start and after each mid-epoch checkpoint: a resumed run then draws exactly
+        what the uninterrupted one did, and no step pays for a reseed (``torch.manual_seed``
+        also queues the seeding of every GPU).
+        """
+        torch.manual_seed(hash((self.recipe.runtime.seed, epoch, batches, self.rt.rank)) & 0xFFFFFFFF)
+
+    def log_window(self, state: dict, epoch: int, lr: float, sums: StepSums, ips: float, data_wait: float,
+                   seconds_per_step: float) -> None:
+        """The ``train`` record of the steps since the last one: the only point of a step that reads the device."""
+        rt, epochs = self.rt, self.recipe.schedule.epochs
+        values = sums.means()  # means over kept micro-steps; NaN: every step was non-finite
+        extra: dict[str, Any] = {}  # fields that are not one number
+        if self.distiller.adapting and any(g.get("anchor") for g in self.inner.param_groups):
+            values["anchor"] = anchor_value(self.inner, rt)
+            extra["anchor_dist"] = anchor_distances(self.inner, rt, self.teacher_names)
+        remaining = epochs * self.steps_per_epoch - state["step"]
+        self.log.write("train", epoch=epoch, step=state["step"], lr=lr, images_per_s=round(ips, 1),
+                       data_wait=round(data_wait, 4), data_skipped=self.loader.position.skipped,
+                       steps_skipped=state.get("steps_skipped", 0), memory_gb=round(memory_gb(rt.device), 3),
+                       **{k: round(v, 6) for k, v in values.items()}, **extra)
+        self.progress.update(state["step"], epoch, epochs, values.get("loss", math.nan), ips,
+                             remaining * seconds_per_step)
 
     def check_nonfinite(self, state: dict, epoch: int) -> None:
         """Count the steps skipped for a NaN/inf loss; stop when too many came in a row."""
