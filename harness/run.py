@@ -182,6 +182,19 @@ def evaluate_split(models: dict, val_loader, rt: Runtime, image_size: int,
     return results
 
 
+def evaluate_run(eval_models: dict, state: dict, val_loader, rt: Runtime, image_size: int,
+                 watchdog: Optional[Watchdog] = None) -> dict[str, dict[str, float]]:
+    """:func:`evaluate_split` of the run's models; teachers that never adapted are not evaluated again.
+
+    A frozen teacher (KD, SimKD, ATSC before ``adapt_after``) cannot change, so its result is the
+    one taken as loaded (``state['teachers_loaded']``).
+    """
+    known = {} if state["adapting"] else state.get("teachers_loaded") or {}
+    results = evaluate_split({k: m for k, m in eval_models.items() if k not in known}, val_loader, rt, image_size,
+                             watchdog)
+    return {k: results[k] if k in results else known[k] for k in eval_models}
+
+
 def _beating(batches, watchdog: Watchdog):
     """The batches of ``batches``, reporting progress to ``watchdog`` as each arrives."""
     for batch in batches:
@@ -261,16 +274,18 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
         state["epoch"], state["position"] = epoch + 1, None
         epochs_run += 1
         last = epoch + 1 == recipe.schedule.epochs
+        results = None
         if last or (epoch + 1) % rr.eval_every == 0:
             sync_buffers(distiller, ema)
-            results = evaluate_split(eval_models, val_loader, rt, d.image_size, watchdog)
+            results = evaluate_run(eval_models, state, val_loader, rt, d.image_size, watchdog)
             state["last_eval"] = results
-            if results["student"]["top1"] > state["best_top1"]:
-                state["best_top1"], state["best_tag"] = results["student"]["top1"], f"epoch{epoch + 1:04d}"
             log.write("eval", epoch=epoch + 1, step=state["step"], **results)
             progress.message(f"epoch {epoch + 1}: " + ", ".join(f"{k} top-1 {v['top1']:.4f}" for k, v in results.items()))
         stopping = args.stop_after_epochs is not None and epochs_run >= args.stop_after_epochs
         if last or stopping or (epoch + 1) % rr.checkpoint_every == 0:
+            # the best is a checkpoint that exists: an evaluated epoch counts once it is saved
+            if results is not None and results["student"]["top1"] > state["best_top1"]:
+                state["best_top1"], state["best_tag"] = results["student"]["top1"], f"epoch{epoch + 1:04d}"
             loop.save(state, f"epoch{epoch + 1:04d}")
         if stopping and not last:
             progress.message(f"stopped after epoch {epoch + 1} as asked; continue with --resume")
@@ -278,7 +293,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
 
     # --- final evaluation, export, summary
     sync_buffers(distiller, ema)
-    results = state["last_eval"] or evaluate_split(eval_models, val_loader, rt, d.image_size, watchdog)
+    results = state["last_eval"] or evaluate_run(eval_models, state, val_loader, rt, d.image_size, watchdog)
     student_state = full_state_dict(distiller.deployed(), rr.zero_stage)
     ema_state = None
     if ema is not None:
