@@ -273,3 +273,98 @@ def test_ddp_reduces_only_what_a_step_reaches_in_every_shipped_recipe(tmp_path):
                 assert step["teachers_reduced"], path
             if facts["method"] in ("simkd", "atsc") and not facts["ce_kd"]:
                 assert step["head_reduced"] == [], path
+
+
+# ----------------------------------------------------------------------------- evaluation once per thing
+
+
+class _Loader:
+    """A validation loader's interface (``epoch``, ``shards.check_evaluated``) over fixed batches."""
+
+    def __init__(self, batches):
+        self.batches, self.shards = batches, self
+        self.checked = None
+
+    def epoch(self, epoch):
+        return iter(self.batches)
+
+    def check_evaluated(self, samples):
+        self.checked = samples
+
+
+class _Counting(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+def _cpu_runtime():
+    from harness.distributed import Runtime
+
+    return Runtime(device=torch.device("cpu"), rank=0, world_size=1, local_rank=0, bf16=False, zero_stage=0)
+
+
+def test_the_ema_is_evaluated_without_swapping_weights_at_stages_0_to_2(monkeypatch):
+    from harness.ema import EmaView, StudentEma
+    from harness.evaluation import evaluate
+
+    torch.manual_seed(0)
+    student = timm.create_model("test_resnet", num_classes=10)
+    ema = StudentEma(student, 0, decay=0.5)
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    for step in range(1, 4):
+        x, y = batch(8)
+        torch.nn.functional.cross_entropy(student(x + step), y).backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(step)
+    batches = [batch(8) for _ in range(3)]
+    with ema.applied():  # the reference: the student holding the averages
+        reference = evaluate({"m": student}, batches, _cpu_runtime(), 32)["m"]
+    live = [p.detach().clone() for p in student.parameters()]
+    monkeypatch.setattr(StudentEma, "applied", lambda self: pytest.fail("the EMA was swapped into the student"))
+    got = evaluate({"student": student, "student_ema": EmaView(ema)}, batches, _cpu_runtime(), 32)
+    assert got["student_ema"] == reference
+    assert all(torch.equal(a, b) for a, b in zip(live, student.parameters()))  # the student's own, untouched
+    before = [p.detach().clone() for p in ema.copy.parameters()]
+    ema.update(4)  # the averages are the copy's own tensors: an update is what the next evaluation sees
+    assert any(not torch.equal(a, b) for a, b in zip(before, ema.copy.parameters()))
+
+
+def test_frozen_teachers_are_evaluated_once_and_adapted_ones_every_time():
+    from harness.run import evaluate_run
+
+    torch.manual_seed(0)
+    student, teacher = _Counting(timm.create_model("test_resnet", num_classes=10)), \
+        _Counting(timm.create_model("test_resnet", num_classes=10))
+    loader = _Loader([batch(8) for _ in range(2)])
+    models = {"student": student, "0:test_resnet": teacher}
+    loaded = {"0:test_resnet": {"top1": 0.123, "top5": 0.5, "samples": 16}}
+    frozen = evaluate_run(models, {"adapting": False, "teachers_loaded": loaded}, loader, _cpu_runtime(), 32)
+    assert teacher.calls == 0 and student.calls == 2 and loader.checked == 16
+    assert frozen["0:test_resnet"] == loaded["0:test_resnet"] and list(frozen) == list(models)
+    adapted = evaluate_run(models, {"adapting": True, "teachers_loaded": loaded}, loader, _cpu_runtime(), 32)
+    assert teacher.calls == 2 and adapted["0:test_resnet"] != loaded["0:test_resnet"]
+
+
+def test_the_best_checkpoint_kept_is_one_that_was_saved(tmp_path, digits):
+    """Evaluated every epoch, saved every second: a student that cannot change (no BatchNorm, lr
+    ~0) scores the same every epoch, so the first evaluation is the best by top-1, but it was
+    never saved: the best kept is the first saved epoch, and it survives pruning."""
+    from conftest import launch, records, tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, digits, "best", student={"model": "test_vit", "model_kwargs": {"img_size": 16}},
+                         data={"train_samples": 64}, optim={"lr": 1.0e-12, "weight_decay": 0.0},
+                         schedule={"epochs": 4}, runtime={"eval_every": 1, "checkpoint_every": 2, "keep_checkpoints": 1})
+    result = launch([str(recipe)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [r["student"]["top1"] for r in records(tmp_path / "best", "eval") if "student" in r]
+    assert len(evals) == 4 and len(set(evals)) == 1
+    kept = sorted(p.name for p in (tmp_path / "best" / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["epoch0002", "epoch0004"]  # the newest, and the best, which was saved
+    state = torch.load(tmp_path / "best" / "checkpoints" / "epoch0004" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["harness"]["best_tag"] == "epoch0002"
