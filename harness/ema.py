@@ -16,8 +16,8 @@ copying the live weights twice), so evaluating the EMA is a forward of that copy
 swapped. At stage 3 no whole copy exists: :meth:`StudentEma.applied` copies the rank's averaged
 partitions into the live ones, runs the caller's code (an evaluation batch, an export) and
 copies the weights back bit for bit, so ZeRO-3's gathering and the export work on it as on the
-student; within :meth:`StudentEma.evaluating` the whole averages of the parameters ZeRO keeps
-whole are gathered once, not at every batch. :class:`EmaView` makes the EMA one more model of
+student; within :meth:`StudentEma.evaluating` the whole averages are gathered once for the
+evaluation, not at every batch. :class:`EmaView` makes the EMA one more model of
 an evaluation either way.
 
 Checkpoints: at stage 0 the averages travel in the run state (rank 0 writes it); at stages 1-3
@@ -100,7 +100,7 @@ class StudentEma:
         self.update_after, self.every = update_after, every
         self.n_buffers = sum(1 for b in module.buffers() if b.is_floating_point())
         self.copy: Optional[nn.Module] = None  # stages 0-2: a module whose tensors are the averages
-        self._gathered: Optional[list[torch.Tensor]] = None  # stage 3, while evaluating
+        self._gathered: Optional[dict[int, torch.Tensor]] = None  # stage 3, while evaluating
         if zero_stage < 3:
             self.copy = _detached_copy(module)
             self.shadow: list[torch.Tensor] = [p.data for p in self.copy.parameters()] + \
@@ -148,12 +148,15 @@ class StudentEma:
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
-        """An evaluation's span: at stage 3 the whole averages :meth:`applied` needs are gathered once
-        for all its batches (a collective: every rank enters it); nothing to do at stages 0-2."""
-        whole_now = self._whole_now() if self.copy is None else []
-        if whole_now:
-            params = list(self.module.parameters())
-            self._gathered = _gather_whole([params[i] for i in whole_now], [self.shadow[i] for i in whole_now])
+        """An evaluation's span: at stage 3 the whole averages :meth:`applied` may need are gathered
+        once for all its batches (a collective: every rank enters it), not once per batch. Which
+        parameters ZeRO holds whole varies from batch to batch, so all are gathered: a whole copy
+        of the student's averages for the evaluation's length. Nothing to do at stages 0-2."""
+        params = list(self.module.parameters()) if self.copy is None else []
+        partitioned = [i for i, p in enumerate(params) if _partitioned(p, self.zero_stage) and p.ds_numel > 0]
+        if partitioned:
+            whole = _gather_whole([params[i] for i in partitioned], [self.shadow[i] for i in partitioned])
+            self._gathered = dict(zip(partitioned, whole))
         try:
             yield
         finally:
@@ -166,7 +169,7 @@ class StudentEma:
         whole_now = self._whole_now()
         if whole_now:
             params = list(self.module.parameters())
-            gathered = self._gathered if self._gathered is not None else \
+            gathered = [self._gathered[i] for i in whole_now] if self._gathered is not None else \
                 _gather_whole([params[i] for i in whole_now], [shadow[i] for i in whole_now])
             live += [params[i].data for i in whole_now]
             shadow += gathered
