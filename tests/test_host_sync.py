@@ -37,6 +37,15 @@ def counted_run(tmp_path, digits, stage: int, decode: str, **method) -> tuple[di
 DECODES = ["cpu"] + (["gpu"] if torch.cuda.is_available() else [])
 
 
+# DeepSpeed 0.19's stage 3 reads the device inside its own step, which the harness does not patch:
+# the gradient norm it computes and tests for inf/NaN every step (stage 3 has no switch like
+# stages 1-2's `compute_grad_norm`), and the check that every rank recorded the same parameter
+# fetch order, each time a module's trace is rebuilt (train/eval switches). Only these may remain.
+DEEPSPEED_STAGE3 = ("deepspeed/runtime/zero/stage3.py:", "deepspeed/runtime/utils.py:", "deepspeed/runtime/zero/utils.py:")
+DEEPSPEED_STAGE3_FUNCTIONS = {"get_grad_norm_direct", "is_invalid_grad_norm", "assert_lst_len_same_as_other_ranks",
+                              "get_lst_from_rank0", "<listcomp>"}
+
+
 @pytest.mark.parametrize("decode", DECODES)
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_no_host_synchronisation_between_logging_steps(tmp_path, digits, stage, decode):
@@ -44,7 +53,11 @@ def test_no_host_synchronisation_between_logging_steps(tmp_path, digits, stage, 
     assert train and train[-1]["step"] >= 12 and "anchor" in train[-1]  # frozen and adapted steps both ran
     for rank, found in enumerate(counts):
         assert found["exempt"], "the counter saw nothing: logging steps do read the device"
-        assert found["step"] == {}, f"rank {rank}: host synchronisation outside logging steps: {found['step']}"
+        step = found["step"]
+        if stage == 3:
+            step = {site: n for site, n in step.items()
+                    if not (any(f in site for f in DEEPSPEED_STAGE3) and site.split()[-1] in DEEPSPEED_STAGE3_FUNCTIONS)}
+        assert step == {}, f"rank {rank}: host synchronisation outside logging steps: {step}"
 
 
 def test_the_two_pass_bias_step_does_not_wait_either(tmp_path, digits):
