@@ -33,7 +33,8 @@ from harness.guard import NonFiniteGuard, NonFiniteLoss
 from harness.metrics import MetricsLog, Progress, StepSums, memory_gb, summary_table
 from harness.tracking import check_trackers, tracking_for
 from harness.models import ModelError
-from harness.optim import LRSchedule, bias_optimizer, build_optimizer, decay_groups, peak_lr, set_lr, set_teachers_trainable
+from harness.optim import (LRSchedule, bias_optimizer, build_optimizer, decay_groups, peak_lr, set_lr,
+                           set_teachers_trainable)
 from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
 from harness.resources import cores_warning
 from harness.restarts import exception_cause, record_failure
@@ -353,7 +354,7 @@ class Loop:
 
     def train_epoch(self, epoch: int, state: dict) -> bool:
         """Train one epoch (or its rest, after a mid-epoch resume); False if asked to stop early."""
-        rr, epochs, rt = self.recipe.runtime, self.recipe.schedule.epochs, self.rt
+        rr, rt = self.recipe.runtime, self.rt
         if self.stop_after_steps is not None and self.stop_at is None:
             self.stop_at = state["step"] + self.stop_after_steps
         resume = None
