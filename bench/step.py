@@ -8,7 +8,7 @@ synthetic batch, already on the device:
 
 * harness: the distiller and engine built exactly as ``harness/run.py`` builds them
   (``build.build_method``, ``optim.build_optimizer``, ``engine.build_engine``), stepped with the
-  per-step work of ``run.Loop.train_epoch`` (seed, lr, engine forward/backward/step, the non-finite
+  per-step work of ``run.Loop.train_epoch`` (lr, engine forward/backward/step, the non-finite
   guard, on-device loss sums);
 * plain: the same maths written directly: student and teacher ``forward_features``, projector,
   feature MSE (+ fused bias CE and the anchor gradient when adapting), ``torch.optim.SGD``,
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -45,6 +46,7 @@ from harness.ema import StudentEma  # noqa: E402
 from harness.engine import base_optimizer, build_engine  # noqa: E402
 from harness.zero import deepspeed_config  # noqa: E402
 from harness.guard import NonFiniteGuard  # noqa: E402
+from harness.metrics import StepSums  # noqa: E402
 from harness.method import align_maps, pooled  # noqa: E402
 from harness.optim import LRSchedule, build_optimizer, set_lr, set_teachers_trainable  # noqa: E402
 from harness.recipe import Recipe  # noqa: E402
@@ -110,22 +112,24 @@ class HarnessStep:
         self.schedule, self.rt, self.x, self.y = LRSchedule(recipe.schedule), rt, x, y
         self.seed, self.log_every, self.steps = recipe.runtime.seed, recipe.runtime.log_every, 0
         self.guard = NonFiniteGuard(self.distiller, [self.inner], rt.device)
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums = StepSums()
+        torch.manual_seed(hash((self.seed, 0, 0, rt.rank)) & 0xFFFFFFFF)  # once, as the run seeds an epoch
         ema = recipe.runtime.ema
         self.ema = StudentEma.from_recipe(self.distiller.deployed(), rt.zero_stage, ema) if ema else None
 
     def __call__(self) -> None:
-        torch.manual_seed(hash((self.seed, 0, self.steps, self.rt.rank)) & 0xFFFFFFFF)
         set_lr(self.inner.param_groups, 0.01 * self.schedule.factor(self.steps / 1000))
         self.inner.track_anchor = self.distiller.adapting and (self.steps + 1) % self.log_every == 0
         loss, terms = self.engine(self.x, self.y)
-        finite = 1.0 - self.guard.observe(loss)
+        self.guard.observe(loss)
         self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
-        for k, v in {"loss": loss, **terms, "_finite": finite}.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach().float().nan_to_num(0.0, 0.0, 0.0) * finite
         if boundary:
+            self.guard.agree()
+        self.engine.step()
+        self.sums.add({"loss": loss, **terms})
+        if boundary:
+            self.sums.close_step(self.guard.bad)
             self.guard.stepped()
             if self.ema is not None:
                 self.ema.update(self.steps + 1)
@@ -264,7 +268,8 @@ def measure(args: argparse.Namespace, rt, stage: int, adapted: bool) -> None:
                 other = harness_static if side == "plain" else plain_static
                 peaks[side] = max(peaks[side], torch.cuda.max_memory_allocated(device) - base - other)
     # the loss sums are read once, at the end, as the run reads them every log_every steps
-    finite = all(torch.isfinite(v).all().item() for s in (plain, harness) for v in s.sums.values())
+    finite = (all(torch.isfinite(v).all().item() for v in plain.sums.values())
+              and all(math.isfinite(v) for v in harness.sums.means().values()))
     ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
     if args.profile:
         profile(harness, "harness", args.profile, device)

@@ -11,10 +11,14 @@ parameter:
 * stage 3: the rank's partition (``param.ds_tensor``), so no rank ever holds a whole copy
   (buffers, which ZeRO never partitions, are averaged whole).
 
-The average is never a module of its own: :meth:`StudentEma.applied` copies the averages into
-the live tensors, runs the caller's code (an evaluation batch, an export) and copies the
-weights back bit for bit, so evaluation, ZeRO-3's gathering and the export work on it as on the
-student. :class:`EmaView` does that per forward, so the EMA is one more model of an evaluation.
+At stages 0-2 the averages are the tensors of a copy of the deployed module (built without
+copying the live weights twice), so evaluating the EMA is a forward of that copy: nothing is
+swapped. At stage 3 no whole copy exists: :meth:`StudentEma.applied` copies the rank's averaged
+partitions into the live ones, runs the caller's code (an evaluation batch, an export) and
+copies the weights back bit for bit, so ZeRO-3's gathering and the export work on it as on the
+student; within :meth:`StudentEma.evaluating` the whole averages are gathered once for the
+evaluation, not at every batch. :class:`EmaView` makes the EMA one more model of
+an evaluation either way.
 
 Checkpoints: at stage 0 the averages travel in the run state (rank 0 writes it); at stages 1-3
 each rank writes its part beside its optimizer partition (``ema_rank<r>.pt``): at stage 3 its
@@ -24,6 +28,7 @@ partitions, at stages 1-2 every ``world_size``-th parameter; each rank its own b
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -66,6 +71,19 @@ def _gather_whole(params: list[nn.Parameter], partitions: list[torch.Tensor]) ->
     return whole
 
 
+def _detached_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are fresh clones of its values, without
+    gradients. Tensors are cloned one by one first: a plain deep copy of a parameter that is a view
+    of a flat buffer (DeepSpeed stages 1-2) would copy the whole buffer."""
+    memo: dict = {}
+    with torch.no_grad():
+        for p in module.parameters():
+            memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=False)
+        for b in module.buffers():
+            memo[id(b)] = b.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
 class StudentEma:
     """EMA of ``module``'s parameters and floating-point buffers (timm ``ModelEmaV3``'s rule).
 
@@ -81,8 +99,15 @@ class StudentEma:
         self.decay, self.warmup, self.warmup_gamma, self.warmup_power = decay, warmup, warmup_gamma, warmup_power
         self.update_after, self.every = update_after, every
         self.n_buffers = sum(1 for b in module.buffers() if b.is_floating_point())
-        with torch.no_grad():
-            self.shadow: list[torch.Tensor] = [t.detach().clone() for t in self.live()]
+        self.copy: Optional[nn.Module] = None  # stages 0-2: a module whose tensors are the averages
+        self._gathered: Optional[dict[int, torch.Tensor]] = None  # stage 3, while evaluating
+        if zero_stage < 3:
+            self.copy = _detached_copy(module)
+            self.shadow: list[torch.Tensor] = [p.data for p in self.copy.parameters()] + \
+                [b for b in self.copy.buffers() if b.is_floating_point()]
+        else:
+            with torch.no_grad():
+                self.shadow = [t.detach().clone() for t in self.live()]
 
     def live(self) -> list[torch.Tensor]:
         """The tensors averaged, looked up afresh: DeepSpeed may re-point them (a checkpoint load)."""
@@ -129,17 +154,37 @@ class StudentEma:
         live = live[:n] + [torch.where(torch.isfinite(b), b, s) for s, b in zip(self.shadow[n:], live[n:])]
         torch._foreach_lerp_(self.shadow, live, weight * (1.0 - skipped.float()))
 
+    def _whole_now(self) -> list[int]:
+        """ZeRO-3 gathers a parameter from the partitions at its module's forward unless it is whole
+        already (small ``ds_persist`` ones between steps, say): those need the whole average too."""
+        params = list(self.module.parameters())
+        return [i for i, p in enumerate(params) if _partitioned(p, self.zero_stage) and p.data.numel() == p.ds_numel > 0]
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """An evaluation's span: at stage 3 the whole averages :meth:`applied` may need are gathered
+        once for all its batches (a collective: every rank enters it), not once per batch. Which
+        parameters ZeRO holds whole varies from batch to batch, so all are gathered: a whole copy
+        of the student's averages for the evaluation's length. Nothing to do at stages 0-2."""
+        params = list(self.module.parameters()) if self.copy is None else []
+        partitioned = [i for i, p in enumerate(params) if _partitioned(p, self.zero_stage) and p.ds_numel > 0]
+        if partitioned:
+            whole = _gather_whole([params[i] for i in partitioned], [self.shadow[i] for i in partitioned])
+            self._gathered = dict(zip(partitioned, whole))
+        try:
+            yield
+        finally:
+            self._gathered = None
+
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """Within the block the module holds the averages; afterwards its own weights again, bit for bit."""
         live, shadow = self.live(), list(self.shadow)
-        # ZeRO-3 gathers a parameter from the partitions at its module's forward unless it is whole
-        # already (small ``ds_persist`` ones between steps, say): those get the whole average too
-        params = list(self.module.parameters())
-        whole_now = [i for i, p in enumerate(params)
-                     if _partitioned(p, self.zero_stage) and p.data.numel() == p.ds_numel > 0]
+        whole_now = self._whole_now()
         if whole_now:
-            gathered = _gather_whole([params[i] for i in whole_now], [shadow[i] for i in whole_now])
+            params = list(self.module.parameters())
+            gathered = [self._gathered[i] for i in whole_now] if self._gathered is not None else \
+                _gather_whole([params[i] for i in whole_now], [shadow[i] for i in whole_now])
             live += [params[i].data for i in whole_now]
             shadow += gathered
         with torch.no_grad():
@@ -207,10 +252,18 @@ class EmaView(nn.Module):
         self.ema = ema
 
     def train(self, mode: bool = True) -> "EmaView":
-        self.ema.module.train(mode)
+        (self.ema.copy or self.ema.module).train(mode)
         return super().train(mode)
 
+    def evaluating(self):
+        """Entered once around an evaluation (``harness.evaluation.evaluate``)."""
+        return self.ema.evaluating()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ema.copy is not None:  # stages 0-2: the averages are a module of their own
+            if self.ema.copy.training != self.ema.module.training:  # in the student's mode, as at stage 3
+                self.ema.copy.train(self.ema.module.training)
+            return self.ema.copy(x)
         with self.ema.applied():
             return self.ema.module(x)
 

@@ -1,6 +1,7 @@
 """Evaluation: top-1 and top-5 of several models over one pass of the validation split."""
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
@@ -43,7 +44,22 @@ def evaluate(models: dict[str, nn.Module], loader: Iterable, rt: Runtime, image_
         m.eval()
     counts = torch.zeros(len(models), 2, dtype=torch.float64, device=rt.device)
     seen = torch.zeros(1, dtype=torch.float64, device=rt.device)
-    for (x, y), real in _Lockstep(loader, rt, image_size):
+    with contextlib.ExitStack() as once:  # per-evaluation set-up a model needs (the EMA's: harness/ema.py)
+        for m in models.values():
+            if hasattr(m, "evaluating"):
+                once.enter_context(m.evaluating())
+        _count(models, _Lockstep(loader, rt, image_size), rt, counts, seen)
+    all_reduce(counts)
+    all_reduce(seen)
+    n = max(seen.item(), 1.0)
+    return {name: {"top1": counts[i, 0].item() / n, "top5": counts[i, 1].item() / n, "samples": int(seen.item())}
+            for i, name in enumerate(models)}
+
+
+def _count(models: dict[str, nn.Module], batches: Iterable, rt: Runtime, counts: torch.Tensor,
+           seen: torch.Tensor) -> None:
+    """Top-1 and top-5 hits of each model (rows of ``counts``) and the samples seen, on the device."""
+    for (x, y), real in batches:
         for i, model in enumerate(models.values()):
             with rt.autocast():
                 logits = model(x)
@@ -54,8 +70,3 @@ def evaluate(models: dict[str, nn.Module], loader: Iterable, rt: Runtime, image_
                 counts[i, 1] += hit.any(dim=-1).sum()
         if real:
             seen += y.numel()
-    all_reduce(counts)
-    all_reduce(seen)
-    n = max(seen.item(), 1.0)
-    return {name: {"top1": counts[i, 0].item() / n, "top5": counts[i, 1].item() / n, "samples": int(seen.item())}
-            for i, name in enumerate(models)}

@@ -1,11 +1,13 @@
 """Non-finite losses: detected on every rank at once, the step skipped, counted, and a stop.
 
 A NaN or inf loss on any rank (a diverging run, a pathological batch) must not reach the
-weights. Every micro-step the loss's finiteness is all-reduced on the device, and the flag is
-handed to the fused optimizer as ``found_inf``, the mechanism torch's ``GradScaler`` uses: the
-update, momentum and weight decay are skipped on the device, with no host synchronisation per
-step. Because the flag is agreed across ranks, every rank skips the same steps and ZeRO
-partitions stay consistent.
+weights. Every micro-step the loss's finiteness is recorded on the device; once per optimizer
+step, after the last backward and before the update, the ranks agree on it (one all-reduce, so
+nothing waits between a forward and its backward and accumulation's ``no_sync`` micro-steps
+stay free of collectives), and the flag is handed to the fused optimizer as ``found_inf``, the
+mechanism torch's ``GradScaler`` uses: the update, momentum and weight decay are skipped on the
+device, with no host synchronisation per step. Because the flag is agreed across ranks, every
+rank skips the same steps and ZeRO partitions stay consistent.
 
 The host reads the counters only at the loop's periodic checks (every
 ``runtime.signal_check_every`` steps). Too many skipped steps in a row stop the run with
@@ -41,11 +43,14 @@ class NonFiniteGuard:
         self.buffers = [b for b in module.buffers() if b.is_floating_point()]
         self.saved = [b.detach().clone() for b in self.buffers]
 
-    def observe(self, loss: torch.Tensor) -> torch.Tensor:
-        """Record a micro-step's loss (a collective: every rank calls it); 1.0 if it was non-finite anywhere."""
-        bad = all_reduce((~torch.isfinite(loss.detach())).float().reshape(1), "max")[0]
-        torch.maximum(self.bad, bad, out=self.bad)
-        return bad
+    def observe(self, loss: torch.Tensor) -> None:
+        """Record a micro-step's loss on this rank (no collective: :meth:`agree` follows at the step's end)."""
+        torch.maximum(self.bad, (~torch.isfinite(loss.detach())).to(self.bad.dtype), out=self.bad)
+
+    def agree(self) -> torch.Tensor:
+        """Before the optimizer step (a collective: every rank calls it): the step is skipped on every
+        rank if any micro-step on any rank was non-finite. The flag, 1.0 for a skipped step."""
+        return all_reduce(self.bad, "max")
 
     def stepped(self) -> None:
         """After the optimizer step: update the counters and clear the flag for the next step."""

@@ -45,24 +45,72 @@ class LocalEngine:
             module.to(memory_format=torch.channels_last)
             module.register_forward_pre_hook(channels_last_input)
         self.ddp = None
-        if rt.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            # find_unused_parameters: a frozen teacher (and e.g. the student's unused own head)
-            # gets no gradient; DDP then leaves those gradients None, so the optimizer skips them.
-            # forward_sync_buffers off: BatchNorm statistics follow rank 0's only before evaluation
-            # (broadcast_buffers in this module), not at every forward. (At construction DDP
-            # still copies rank 0's, which every rank already holds: same seed, same checkpoint.)
-            self.ddp = DDP(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                           forward_sync_buffers=False, find_unused_parameters=True, gradient_as_bucket_view=True)
+        self._ddp_for = None  # the teachers' frozen/adapting state the DDP wrapper was built for
         self._trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
     def is_gradient_accumulation_boundary(self) -> bool:
         """Whether the current micro-step (before ``step``) ends an optimizer step."""
         return (self.micro_steps + 1) % self.grad_accum == 0
 
+    def _wrap(self, args: tuple, kwargs: dict) -> None:
+        """(Re)build DDP over exactly the parameters this step's loss reaches.
+
+        DDP's ``find_unused_parameters`` walks the autograd graph after every forward and, when it
+        finds a parameter unused, copies its map to the host each backward; without it an unused
+        parameter breaks the reduction. Neither is needed: frozen teachers, the student's own
+        head under SimKD/ATSC (frozen by the method) and anything else no loss term reaches are
+        left out of DDP altogether, found by walking the graph of one small forward. Which
+        parameters a step reaches changes only when the teachers start adapting, so the wrapper
+        is rebuilt then (the weights are the same on every rank; ``init_sync=False`` keeps each
+        rank's own BatchNorm statistics, as ``forward_sync_buffers=False`` does at every forward).
+        """
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        reached = self._reached(args, kwargs)
+        ignored = [name for name, p in self.module.named_parameters() if id(p) not in reached]
+        for p in self.module.parameters():
+            p._ddp_ignored = False  # DDP's marker is sticky: a teacher ignored while frozen is reduced once adapting
+        self.ddp = None  # the old wrapper's reducer (and its gradient hooks) goes before the new one is made
+        DDP._set_params_and_buffers_to_ignore_for_model(self.module, ignored)
+        self.ddp = DDP(self.module, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda" else None,
+                       forward_sync_buffers=False, init_sync=False, find_unused_parameters=False,
+                       gradient_as_bucket_view=True)
+
+    def _reached(self, args: tuple, kwargs: dict) -> set[int]:
+        """ids of the trainable parameters a forward on (two samples of) this batch reaches.
+
+        Run in train mode like the step, with the BatchNorm statistics and the random state put
+        back afterwards, so the step that follows is the one it would have been.
+        """
+        small = [a[:2] if isinstance(a, torch.Tensor) and a.dim() else a for a in args]
+        buffers = list(self.module.buffers())
+        saved = [b.detach().clone() for b in buffers]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.rt.autocast():
+            out = self.module(*small, **kwargs)
+        loss = out[0] if isinstance(out, (tuple, list)) else out
+        reached, seen, todo = set(), set(), [loss.grad_fn] if loss.grad_fn is not None else []
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf the gradient reaches
+            if variable is not None:
+                reached.add(id(variable))
+            todo.extend(next_fn for next_fn, _ in fn.next_functions)
+        del out, loss
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+        return reached
+
     def __call__(self, *args, **kwargs):
-        if self.ddp is not None:
+        if self.rt.world_size > 1:
+            frozen = tuple(bool(g.get("frozen")) for g in self.optimizer.param_groups)
+            if frozen != self._ddp_for:
+                self._wrap(args, kwargs)
+                self._ddp_for = frozen
             # gradients are all-reduced only in the boundary micro-step's backward (DDP's no_sync)
             self.ddp.require_backward_grad_sync = self.is_gradient_accumulation_boundary()
         with self.rt.autocast():

@@ -201,6 +201,12 @@ class Distiller(nn.Module):
     def student_side(self) -> Iterator[nn.Parameter]:
         return self.student.parameters()
 
+    def parts(self) -> list[nn.Module]:
+        """The student, each teacher and the method's own modules: each names its own parameters
+        (a timm model's ``no_weight_decay()`` is relative to the model)."""
+        own = [m for name, m in self.named_children() if name not in ("student", "teachers")]
+        return [self.student, *self.teachers, *own]
+
     def bias_parameters(self) -> list[nn.Parameter]:
         """Classifier biases stepped by the separate bias step (two-pass mode only)."""
         return []
@@ -313,6 +319,10 @@ class SimKD(Distiller):
         if not adapt:
             for t in teachers:
                 t.requires_grad_(False)
+        if not (ce_weight or kd_weight):
+            # no loss term reaches the student's own head: frozen, so no optimizer or gradient
+            # reduction carries it (it stays in the student's weights and in the export)
+            student.get_classifier().requires_grad_(False)
         self.projectors = projectors
         # The deployed path is a view over modules this distiller already owns (the classifiers
         # are teacher submodules); it is kept unregistered so no parameter has two owners.
@@ -355,10 +365,13 @@ class SimKD(Distiller):
             classifier = self.shared.classifiers[k]
             if self.adapting and self.fused_bias and classifier.bias is not None:
                 terms[f"bias{k}"] = bias_only_loss(pooled(h_t), classifier, y)
+                loss = loss + terms[f"bias{k}"]
+            if self.adapting:
                 # W_k gets no gradient from the loss; an exact zero one instead changes no step (the
                 # optimizer treats a missing one as zero: ATSC.md section 2) but gives every engine a
-                # gradient to reduce: compiled, DeepSpeed's stage-2 hook asserts on a None gradient
-                loss = loss + terms[f"bias{k}"] + 0.0 * classifier.weight.sum()
+                # gradient to reduce: compiled, DeepSpeed's stage-2 hook asserts on a None gradient,
+                # and data-parallel reduction needs no search for unused parameters
+                loss = loss + 0.0 * classifier.weight.sum()
             if self.kd_weight:
                 with torch.no_grad():
                     teacher_logits.append(classifier(pooled(h_t)))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -19,6 +20,54 @@ def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class StepSums:
+    """Loss terms summed on the device over a logging window; skipped optimizer steps left out.
+
+    Each micro-step's terms go in as one stacked vector (one stack, one ``nan_to_num``, one add,
+    whatever their number); at an optimizer step's end :meth:`close_step` folds them into the
+    window weighted by whether the step was taken (the ranks' agreed flag), so nothing is read
+    from the device before :meth:`means`, at a logging step. A term present in only some
+    micro-steps (the two-pass bias step runs at the last) is averaged over those it was in.
+    """
+
+    def __init__(self):
+        self.pending: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
+        self.window: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        names = tuple(terms)
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).nan_to_num_(0.0, 0.0, 0.0)
+        total, count = self.pending.get(names, (None, 0))
+        self.pending[names] = (values if total is None else total + values, count + 1)
+
+    def close_step(self, skipped: torch.Tensor) -> None:
+        """End of an optimizer step: ``skipped`` (1.0 if the ranks skipped it) weighs its micro-steps."""
+        kept = 1.0 - skipped
+        for names, (total, count) in self.pending.items():
+            window = self.window.get(names)
+            weighted, n = total * kept, kept * count
+            self.window[names] = (weighted, n) if window is None else (window[0] + weighted, window[1] + n)
+        self.pending = {}
+
+    def means(self) -> dict[str, float]:
+        """Each term's mean over the window's kept micro-steps (NaN: none kept), read in one transfer."""
+        if not self.window:
+            return {}
+        keys = list(self.window)
+        flat = torch.cat([torch.cat([t, n.reshape(1)]) for t, n in self.window.values()]).tolist()
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        offset = 0
+        for names in keys:
+            row = flat[offset:offset + len(names) + 1]
+            offset += len(names) + 1
+            for name, value in zip(names, row):
+                sums[name] = sums.get(name, 0.0) + value
+                counts[name] = counts.get(name, 0.0) + row[-1]
+        self.window = {}
+        return {k: v / counts[k] if counts[k] else math.nan for k, v in sums.items()}
 
 
 class MetricsLog:

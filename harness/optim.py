@@ -58,25 +58,68 @@ class AnchorMixin:
         token, w = group.get("adapt_token"), group.get("anchor_weight", 0.0)
         if token is None or group.get("frozen"):
             return
+        params = group["params"]
+        anchors = self._anchors(group, token, params)
+        for p in params:
+            if p.grad is None:
+                # No gradient from the loss (the classifier weight W_c: the bias step detaches it)
+                # still means a step: anchor and weight decay move it (ATSC.md section 2), as they
+                # do under ZeRO, whose flat partitions hold zeros there. torch would skip it.
+                p.grad = torch.zeros_like(p)
+        if not (group.get("anchor") and params and (w or self.track_anchor)):
+            return
         terms = self.__dict__.setdefault("_anchor_terms", {})
-        for p in group["params"]:
+        for p, anchor in zip(params, anchors):
+            # p - p0 one slice at a time in a reused buffer: a difference tensor would be a temporary
+            # the size of the whole partition (ZeRO hands over one flat tensor per group); per
+            # element the same operations as ``grad += 2 w (p - p0)``, so the same step bit for bit
+            squares = []
+            for p_part, a_part, g_part in zip(*(_slices(t) for t in (p, anchor, p.grad))):
+                diff = self._scratch(p_part)
+                torch.sub(p_part, a_part, out=diff)
+                if self.track_anchor:  # the distance is worth logging even when w is 0 (an ablation)
+                    squares.append(diff.float().pow(2).sum())
+                if w:
+                    g_part.add_(diff, alpha=2.0 * w)
+            if self.track_anchor:
+                terms[id(p)] = (group.get("teacher", 0), w, squares[0] if len(squares) == 1 else torch.stack(squares).sum())
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A buffer shaped as ``like``, carved from one kept per device and dtype (at most a slice's size)."""
+        buffers = self.__dict__.setdefault("_scratch_buffers", {})
+        key = (like.device, like.dtype)
+        buf = buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = buffers[key] = torch.empty(like.numel(), device=like.device, dtype=like.dtype)
+        return buf[:like.numel()].view(like.shape)
+
+    def _anchors(self, group: dict, token: int, params: list) -> list:
+        """Each parameter's W0 (None outside anchored groups), restarting the state of a new adaptation.
+
+        The state is walked only when the group's parameters or token are new to this optimizer (or
+        its state was loaded): the anchors are then remembered, so a plain step reads no state.
+        """
+        cache = self.__dict__.setdefault("_anchor_cache", {})
+        key = (id(group), token, tuple(map(id, params)))
+        if key in cache:
+            return cache[key]
+        fresh = self.__dict__.setdefault("_fresh", [])
+        anchors = []
+        for p in params:
             state = self.state[p]
             if state.get("adapt_token") != token:
                 state.clear()
                 state["adapt_token"] = token
                 if group.get("anchor"):
                     state["anchor"] = p.detach().clone()
-            if p.grad is None:
-                # No gradient from the loss (the classifier weight W_c: the bias step detaches it)
-                # still means a step: anchor and weight decay move it (ATSC.md section 2), as they
-                # do under ZeRO, whose flat partitions hold zeros there. torch would skip it.
-                p.grad = torch.zeros_like(p)
-            if group.get("anchor") and (w or self.track_anchor):
-                diff = p - state["anchor"]
-                if self.track_anchor:  # the distance is worth logging even when w is 0 (an ablation)
-                    terms[id(p)] = (group.get("teacher", 0), w, diff.float().pow(2).sum())
-                if w:
-                    p.grad.add_(diff, alpha=2.0 * w)
+                fresh.append(p)
+            anchors.append(state.get("anchor"))
+        cache[key] = anchors
+        return anchors
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self.__dict__.pop("_anchor_cache", None)  # the loaded state holds other anchor tensors
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -84,9 +127,10 @@ class AnchorMixin:
             self._prepare(group)
             self._init_state(group)
         # The base optimizer initialises a parameter's state when it finds it empty; our keys
-        # must not make a fresh state look initialised, so they step aside meanwhile.
-        extra = {p: {k: self.state[p].pop(k) for k in self._EXTRA_STATE if k in self.state[p]}
-                 for group in self.param_groups for p in group["params"] if p in self.state}
+        # must not make a fresh state look initialised, so they step aside meanwhile. Only a state
+        # restarted in this step can be uninitialised: the base optimizer fills it in this step.
+        fresh = self.__dict__.pop("_fresh", [])
+        extra = {p: {k: self.state[p].pop(k) for k in self._EXTRA_STATE if k in self.state[p]} for p in fresh}
         try:
             return super().step(closure)  # type: ignore[misc]
         finally:
@@ -95,6 +139,16 @@ class AnchorMixin:
 
     def _init_state(self, group: dict) -> None:
         """Create state the base optimizer would create lazily (see AnchoredSGD)."""
+
+
+SLICE = 1 << 22  # elements: the anchor's scratch buffer holds at most one such slice
+
+
+def _slices(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t`` as views along its first dimension of at most about ``SLICE`` elements each."""
+    if t.dim() == 0 or t.numel() <= SLICE:
+        return [t]
+    return list(t.split(max(1, SLICE * t.shape[0] // t.numel())))
 
 
 class AnchoredSGD(AnchorMixin, torch.optim.SGD):
@@ -114,6 +168,33 @@ class AnchoredAdamW(AnchorMixin, torch.optim.AdamW):
     pass
 
 
+def decay_groups(groups: list[dict], modules: Iterable[torch.nn.Module], optim) -> list[dict]:
+    """``groups`` split by whether their weights decay, as ``optim.decay_groups`` asks.
+
+    ``timm``: each of ``modules`` (student, teachers, projectors) is sorted by timm's own
+    ``param_groups_weight_decay`` with the module's ``no_weight_decay()`` names, as timm's
+    ``create_optimizer_v2`` does; a group's no-decay part becomes a group of its own (role,
+    anchor and teacher tags kept), marked ``no_decay``. ``all``: the groups as they are.
+    """
+    if optim.decay_groups == "all":
+        return groups
+    from timm.optim import param_groups_weight_decay
+
+    exempt: set[int] = set()
+    for module in modules:
+        names = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
+        for g in param_groups_weight_decay(module, 1.0, no_weight_decay_list=names):
+            if not g["weight_decay"]:
+                exempt.update(id(p) for p in g["params"])
+    split = []
+    for group in groups:
+        decayed = [p for p in group["params"] if id(p) not in exempt]
+        kept = [p for p in group["params"] if id(p) in exempt]
+        split += [{**group, "params": decayed}] if decayed else []
+        split += [{**group, "params": kept, "no_decay": True}] if kept else []
+    return split
+
+
 def build_optimizer(groups: list[dict], optim, anchor_weight: float) -> torch.optim.Optimizer:
     """The recipe's optimizer over role-tagged groups; each group keeps its base lr multiplier.
 
@@ -122,7 +203,8 @@ def build_optimizer(groups: list[dict], optim, anchor_weight: float) -> torch.op
     """
     for group in groups:
         group["lr_mult"] = optim.teacher_lr_mult if group["role"] == ROLE_TEACHER else 1.0
-        group["base_weight_decay"] = optim.weight_decay
+        group["base_weight_decay"] = 0.0 if group.get("no_decay") else optim.weight_decay
+        group["weight_decay"] = group["base_weight_decay"]
         group["anchor_weight"] = anchor_weight if group.get("anchor") else 0.0
     groups = [g for g in groups if g["params"]]
     if optim.name == "sgd":

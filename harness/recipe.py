@@ -134,6 +134,7 @@ class Optim(_Section):
     nesterov: bool = Field(False, description="SGD Nesterov momentum")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     weight_decay: float = Field(1e-4, ge=0, description="weight decay (decoupled for adamw)")
+    decay_groups: Literal["all", "timm"] = Field("all", description="which weights decay: `all` (the paper recipes' SGD settings), or `timm`: none on biases, norms and 1-D parameters, nor on the names a model's `no_weight_decay()` lists (pos_embed, cls_token), as timm's `param_groups_weight_decay` and DeiT")
     teacher_lr_mult: float = Field(1.0, ge=0, description="teacher lr = student lr x this (atsc)")
     grad_clip: Optional[float] = Field(None, gt=0, description="clip the global gradient norm to this; null: no clipping")
 

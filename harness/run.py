@@ -30,10 +30,11 @@ from harness.engine import base_optimizer, build_engine, two_pass_bias_step
 from harness.evaluation import evaluate
 from harness.export import full_state_dict, save_student, student_config
 from harness.guard import NonFiniteGuard, NonFiniteLoss
-from harness.metrics import MetricsLog, Progress, memory_gb, summary_table
+from harness.metrics import MetricsLog, Progress, StepSums, memory_gb, summary_table
 from harness.tracking import check_trackers, tracking_for
 from harness.models import ModelError
-from harness.optim import LRSchedule, bias_optimizer, build_optimizer, peak_lr, set_lr, set_teachers_trainable
+from harness.optim import (LRSchedule, bias_optimizer, build_optimizer, decay_groups, peak_lr, set_lr,
+                           set_teachers_trainable)
 from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
 from harness.resources import cores_warning
 from harness.restarts import exception_cause, record_failure
@@ -202,6 +203,19 @@ def evaluate_split(models: dict, val_loader, rt: Runtime, image_size: int,
     return results
 
 
+def evaluate_run(eval_models: dict, state: dict, val_loader, rt: Runtime, image_size: int,
+                 watchdog: Optional[Watchdog] = None) -> dict[str, dict[str, float]]:
+    """:func:`evaluate_split` of the run's models; teachers that never adapted are not evaluated again.
+
+    A frozen teacher (KD, SimKD, ATSC before ``adapt_after``) cannot change, so its result is the
+    one taken as loaded (``state['teachers_loaded']``).
+    """
+    known = {} if state["adapting"] else state.get("teachers_loaded") or {}
+    results = evaluate_split({k: m for k, m in eval_models.items() if k not in known}, val_loader, rt, image_size,
+                             watchdog)
+    return {k: results[k] if k in results else known[k] for k in eval_models}
+
+
 def _beating(batches, watchdog: Watchdog):
     """The batches of ``batches``, reporting progress to ``watchdog`` as each arrives."""
     for batch in batches:
@@ -225,7 +239,8 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
         (out / "recipe.yaml").write_text(to_yaml(recipe))
     log = MetricsLog(out / "metrics.jsonl", rt.is_main, tracking_for(recipe, rt.is_main))
     global_batch = d.batch_size * rt.world_size * rr.grad_accum
-    optimizer = build_optimizer(distiller.param_groups(), recipe.optim, m.anchor_weight)
+    optimizer = build_optimizer(decay_groups(distiller.param_groups(), distiller.parts(), recipe.optim), recipe.optim,
+                                m.anchor_weight)
     two_pass = m.name == "atsc" and m.bias_step == "two_pass"
     bias_opt = bias_optimizer(distiller.bias_parameters(), recipe.optim) if two_pass else None
     engine = build_engine(distiller, optimizer, rt, d.batch_size, rr.grad_accum, recipe.optim.grad_clip, rr.compile)
@@ -283,16 +298,18 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
         state["epoch"], state["position"] = epoch + 1, None
         epochs_run += 1
         last = epoch + 1 == recipe.schedule.epochs
+        results = None
         if last or (epoch + 1) % rr.eval_every == 0:
             sync_buffers(distiller, ema)
-            results = evaluate_split(eval_models, val_loader, rt, d.image_size, watchdog)
+            results = evaluate_run(eval_models, state, val_loader, rt, d.image_size, watchdog)
             state["last_eval"] = results
-            if results["student"]["top1"] > state["best_top1"]:
-                state["best_top1"], state["best_tag"] = results["student"]["top1"], f"epoch{epoch + 1:04d}"
             log.write("eval", epoch=epoch + 1, step=state["step"], **results)
             progress.message(f"epoch {epoch + 1}: " + ", ".join(f"{k} top-1 {v['top1']:.4f}" for k, v in results.items()))
         stopping = args.stop_after_epochs is not None and epochs_run >= args.stop_after_epochs
         if last or stopping or (epoch + 1) % rr.checkpoint_every == 0:
+            # the best is a checkpoint that exists: an evaluated epoch counts once it is saved
+            if results is not None and results["student"]["top1"] > state["best_top1"]:
+                state["best_top1"], state["best_tag"] = results["student"]["top1"], f"epoch{epoch + 1:04d}"
             loop.save(state, f"epoch{epoch + 1:04d}")
         if stopping and not last:
             progress.message(f"stopped after epoch {epoch + 1} as asked; continue with --resume")
@@ -300,7 +317,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
 
     # --- final evaluation, export, summary
     sync_buffers(distiller, ema)
-    results = state["last_eval"] or evaluate_split(eval_models, val_loader, rt, d.image_size, watchdog)
+    results = state["last_eval"] or evaluate_run(eval_models, state, val_loader, rt, d.image_size, watchdog)
     student_state = full_state_dict(distiller.deployed(), rr.zero_stage)
     ema_state = None
     if ema is not None:
@@ -360,7 +377,7 @@ class Loop:
 
     def train_epoch(self, epoch: int, state: dict) -> bool:
         """Train one epoch (or its rest, after a mid-epoch resume); False if asked to stop early."""
-        rr, epochs, rt = self.recipe.runtime, self.recipe.schedule.epochs, self.rt
+        rr, rt = self.recipe.runtime, self.rt
         if self.stop_after_steps is not None and self.stop_at is None:
             self.stop_at = state["step"] + self.stop_after_steps
         resume = None
@@ -373,9 +390,10 @@ class Loop:
             resume = Position(**positions[rt.rank])
         batches_total = self.loader.batches_in_epoch(epoch)
         images_per_micro = self.recipe.data.batch_size * rt.world_size
-        sums: dict[str, torch.Tensor] = {}
+        sums = StepSums()
         micro_steps, window_micro, window_wait = 0, 0, 0.0
         epoch_start = window_start = time.perf_counter()
+        self.reseed(epoch, resume.batches if resume else 0)
         batches = iter(self.loader.epoch(epoch, resume))
         while True:
             wait_start = time.perf_counter()
@@ -384,26 +402,25 @@ class Loop:
             if batch is None:
                 break
             x, y = batch  # on the device, normalised
-            # dropout and friends: a function of (seed, epoch, batch, rank), so a resume replays it
-            torch.manual_seed(hash((rr.seed, epoch, self.loader.position.batches, rt.rank)) & 0xFFFFFFFF)
             lr = self.lr0 * self.schedule.factor(epoch + self.loader.position.batches / batches_total)
             set_lr(self.inner.param_groups, lr)
             self.inner.track_anchor = self.distiller.adapting and (state["step"] + 1) % rr.log_every == 0
             loss, terms = self.engine(x, y)
-            finite = 1.0 - self.guard.observe(loss)  # a NaN/inf anywhere skips this step on every rank
+            self.guard.observe(loss)
             self.engine.backward(loss)
             boundary = self.engine.is_gradient_accumulation_boundary()
+            if boundary:
+                self.guard.agree()  # a NaN/inf in any micro-step on any rank skips this step on every rank
             self.engine.step()
             micro_steps, window_micro = micro_steps + 1, window_micro + 1
             terms = {"loss": loss, **terms}
             if boundary and self.bias_opt is not None and self.distiller.adapting:
                 set_lr(self.bias_opt.param_groups, lr)
                 terms["bias_two_pass"] = two_pass_bias_step(self.distiller, self.bias_opt, x, y, rt)
-            # summed on the device (no host sync per step), skipped steps left out of the means
-            for k, v in {**terms, "_finite": finite}.items():
-                sums[k] = sums.get(k, 0) + v.detach().float().nan_to_num(0.0, 0.0, 0.0) * finite
+            sums.add(terms)  # on the device: read at logging steps only
             if not boundary:
                 continue
+            sums.close_step(self.guard.bad)
             skipped = self.guard.bad.clone() if self.ema is not None else None  # stepped() clears the flag
             self.guard.stepped()
             state["step"] += 1
@@ -412,23 +429,10 @@ class Loop:
             self.watchdog.beat(state["step"])
             if state["step"] % rr.log_every == 0:
                 now = time.perf_counter()
-                totals = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
-                kept = totals.pop("_finite")  # micro-steps not skipped; none: every step was non-finite
-                values = {k: v / kept if kept else math.nan for k, v in totals.items()}
-                extra: dict[str, Any] = {}  # fields that are not one number
-                if self.distiller.adapting and any(g.get("anchor") for g in self.inner.param_groups):
-                    values["anchor"] = anchor_value(self.inner, rt)
-                    extra["anchor_dist"] = anchor_distances(self.inner, rt, self.teacher_names)
-                ips = images_per_micro * window_micro / (now - window_start)
-                remaining = epochs * self.steps_per_epoch - state["step"]
-                self.log.write("train", epoch=epoch, step=state["step"], lr=lr, images_per_s=round(ips, 1),
-                               data_wait=round(window_wait / (now - window_start), 4),
-                               data_skipped=self.loader.position.skipped, steps_skipped=state.get("steps_skipped", 0),
-                               memory_gb=round(memory_gb(rt.device), 3),
-                               **{k: round(v, 6) for k, v in values.items()}, **extra)
-                self.progress.update(state["step"], epoch, epochs, values["loss"], ips,
-                                     remaining * rr.grad_accum * (now - window_start) / window_micro)
-                sums, window_micro, window_wait, window_start = {}, 0, 0.0, now
+                self.log_window(state, epoch, lr, sums, images_per_micro * window_micro / (now - window_start),
+                                window_wait / (now - window_start),
+                                rr.grad_accum * (now - window_start) / window_micro)
+                window_micro, window_wait, window_start = 0, 0.0, now
             stop = self.stop_at is not None and state["step"] >= self.stop_at
             checking = state["step"] % rr.signal_check_every == 0
             if checking:
@@ -443,10 +447,37 @@ class Loop:
                 self.save(state, f"epoch{epoch:04d}-step{state['step']:08d}")
                 if stop:
                     return False
+                self.reseed(epoch, self.loader.position.batches)  # as a resume from this checkpoint will
         self.check_nonfinite(state, epoch)  # nothing non-finite is carried into an evaluation or a checkpoint
         elapsed = time.perf_counter() - epoch_start
         self.images_per_s = images_per_micro * micro_steps / elapsed if elapsed > 0 else math.nan
         return True
+
+    def reseed(self, epoch: int, batches: int) -> None:
+        """Seed dropout and friends from (seed, epoch, batch position, rank) where a run can resume.
+
+        At an epoch's start and after each mid-epoch checkpoint: a resumed run then draws exactly
+        what the uninterrupted one did, and no step pays for a reseed (``torch.manual_seed``
+        also queues the seeding of every GPU).
+        """
+        torch.manual_seed(hash((self.recipe.runtime.seed, epoch, batches, self.rt.rank)) & 0xFFFFFFFF)
+
+    def log_window(self, state: dict, epoch: int, lr: float, sums: StepSums, ips: float, data_wait: float,
+                   seconds_per_step: float) -> None:
+        """The ``train`` record of the steps since the last one: the only point of a step that reads the device."""
+        rt, epochs = self.rt, self.recipe.schedule.epochs
+        values = sums.means()  # means over kept micro-steps; NaN: every step was non-finite
+        extra: dict[str, Any] = {}  # fields that are not one number
+        if self.distiller.adapting and any(g.get("anchor") for g in self.inner.param_groups):
+            values["anchor"] = anchor_value(self.inner, rt)
+            extra["anchor_dist"] = anchor_distances(self.inner, rt, self.teacher_names)
+        remaining = epochs * self.steps_per_epoch - state["step"]
+        self.log.write("train", epoch=epoch, step=state["step"], lr=lr, images_per_s=round(ips, 1),
+                       data_wait=round(data_wait, 4), data_skipped=self.loader.position.skipped,
+                       steps_skipped=state.get("steps_skipped", 0), memory_gb=round(memory_gb(rt.device), 3),
+                       **{k: round(v, 6) for k, v in values.items()}, **extra)
+        self.progress.update(state["step"], epoch, epochs, values.get("loss", math.nan), ips,
+                             remaining * seconds_per_step)
 
     def check_nonfinite(self, state: dict, epoch: int) -> None:
         """Count the steps skipped for a NaN/inf loss; stop when too many came in a row."""

@@ -15,6 +15,7 @@ the crop, so a sample's crop stays the same with them.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -124,9 +125,16 @@ def eval_transform(pre: Preprocess) -> T.Compose:
 
 def normalize(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 NCHW images to the float input a model expects: scaled to [0, 1], then standardised."""
-    mean = torch.tensor(pre.mean, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(pre.std, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = _constants(tuple(pre.mean), tuple(pre.std), images.device)
     return (images.float() - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``normalize``'s mean and std, made once per device: a tensor built from host values on a GPU
+    is a copy the host waits for, which per batch would hold the host behind the previous step."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
 
 
 def sample_name(sample: dict) -> str:
