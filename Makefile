@@ -7,7 +7,7 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mix
 # torch 2.14.1 / torchvision 0.29.1 are the builds that import together (and sit on this host's disk)
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install digits demo compare reproduce test docs clean wheels
+.PHONY: install digits demo compare reproduce test test-quick docs clean wheels
 
 install: $(VENV)/.installed
 
@@ -49,8 +49,13 @@ reproduce: install data/cifar100/_info.json
 	$(PY) -m shards.layout data/cifar100 --quiet
 	$(PY) bench/compare.py recipes/cifar100/table.yaml $(REPRODUCE_ARGS)
 
+# the slowest 25 tests are listed at the end of every run: where the suite's time goes
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
+
+# the unit tier, for iteration: every test that starts no training processes (tests/conftest.py marks the others)
+test-quick: install
+	$(PY) -m pytest -q --durations=10 -m "not launches" tests
 
 # .whl/ (git-ignored): the wheels a bare GPU machine lacks (Python 3.12, x86-64) and the project's own, for
 # `bench/gpu_suite.py OUT --wheels .whl` there (README 'GPU figures: one command'). Needs pip's network.

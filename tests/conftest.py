@@ -173,3 +173,45 @@ def teacher(work, digits) -> Path:
     return work / "teacher" / "student.safetensors"
 
 
+
+
+# --- the quick tier (`make test-quick`): tests that start no training processes
+
+_SPAWNS = ("launch(", "launch_command(", "run_nodes(", "accelerate.commands.launch", "sbatch", "--slurm",
+           "subprocess.Popen(", "mp.spawn(")
+
+
+def _spawns(function, seen: set) -> bool:
+    """Whether a test or fixture function, or a function of its module that it calls, starts processes."""
+    import inspect
+    import re
+
+    if function in seen:
+        return False
+    seen.add(function)
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    if any(call in source for call in _SPAWNS):
+        return True
+    module = inspect.getmodule(function)
+    called = (getattr(module, name, None) for name in set(re.findall(r"\b([A-Za-z_]\w*)\(", source)))
+    return any(inspect.isfunction(f) and f.__module__ == module.__name__ and _spawns(f, seen) for f in called)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that launches training processes, itself or through a fixture, as `launches`.
+
+    `make test-quick` deselects them (`-m "not launches"`): the unit tier, for iteration; `make
+    test` (what CI runs) keeps all. Read from the source, so a new test is classed with no marker
+    to remember.
+    """
+    for item in items:
+        seen: set = set()
+        functions = [getattr(item, "function", None)]
+        info = getattr(item, "_fixtureinfo", None)
+        for defs in (info.name2fixturedefs.values() if info else ()):
+            functions += [d.func for d in defs]
+        if any(f is not None and _spawns(f, seen) for f in functions):
+            item.add_marker(pytest.mark.launches)

@@ -87,13 +87,14 @@ def test_shards_that_cannot_feed_the_run_are_refused(no_start_up, tmp_path, digi
     mixed = tiny_recipe(tmp_path, digits, "mixed", data={"val": str(digits) + "/{train/train-000000,val/val-000000}.tar"})
     err = refused(mixed, capsys)
     assert "`data.val`: " in err and "names the shards of 2 splits: train (1 shard(s)" in err and "and val (" in err
-    monkeypatch.setenv("WORLD_SIZE", "8")  # as the launcher sets it for 8 processes
-    err = refused(tiny_recipe(tmp_path, digits, "eight"), capsys)
-    assert "4 train shards cannot feed 8 ranks" in err
+    # samples are dealt, not shards: 4 shards feed 8 ranks; 64 ranks x 32 images outnumber the split
+    monkeypatch.setenv("WORLD_SIZE", "64")  # as the launcher sets it for 64 processes
+    err = refused(tiny_recipe(tmp_path, digits, "many"), capsys)
+    assert "1438 train samples give no full optimizer step on 64 rank(s) (64 x 32 x 1 = 2048 samples)" in err
     monkeypatch.setenv("WORLD_SIZE", "1")
     err = refused(tiny_recipe(tmp_path, digits, "big-batch", data={"batch_size": 2048}), capsys)
     assert "1438 train samples give no full optimizer step" in err
-    assert not any((tmp_path / name).exists() for name in ("same", "mixed", "eight", "big-batch"))
+    assert not any((tmp_path / name).exists() for name in ("same", "mixed", "many", "big-batch"))
 
 
 def test_an_existing_run_is_refused_without_resume_and_left_as_it_was(no_start_up, tmp_path, digits, capsys):
