@@ -29,7 +29,6 @@ import logging
 import multiprocessing
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
@@ -43,7 +42,7 @@ from harness.augment import BatchAugment, batch_seed, sample_policy
 from harness.epoch_plan import EpochPlan, Span
 from harness.gpu_decode import DeferredDecode, DeviceDecode, Encoded  # noqa: F401 (Encoded: re-exported)
 from harness.shm_batches import PooledBatch
-from harness.tarstream import TarFormatError, tar_members
+from harness.tarstream import META_MEMBER, TarFormatError, tar_members
 # Preprocess and the transforms are re-exported: harness.data is where users and tools import them from
 from harness.transforms import (Preprocess, cifar_train_transform, decode_sample, eval_transform,  # noqa: F401
                                 normalize, pil_to_chw, train_transform)
@@ -244,9 +243,6 @@ def read_samples(spans: Sequence[str | Span]) -> Iterator[dict]:
         yield from group_by_keys(_tar_files(Span(span) if isinstance(span, str) else span, warn), handler=warn)
 
 
-_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these names
-
-
 def _tar_files(span: Span, warn) -> Iterator[dict]:
     """``{"fname", "data", "__url__"}`` per tar member of the span's samples, then ``{}`` (end of shard)."""
     url = span.url
@@ -257,7 +253,7 @@ def _tar_files(span: Span, warn) -> Iterator[dict]:
         return
     try:
         for name, data in tar_members(stream, url, skip_samples=span.start, max_samples=span.count):
-            if not _META_MEMBER.match(name):
+            if not META_MEMBER.match(name):
                 yield {"fname": name, "data": data, "__url__": url}
     except (TarFormatError, OSError) as e:
         warn(e)

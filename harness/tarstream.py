@@ -25,7 +25,7 @@ META = (b"x", b"L", b"g", b"K")
 POSIX_MAGIC = b"ustar\x0000"
 # webdataset's sample key (``base_plus_ext``): the member's path up to the first dot of its base name
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's meta members: not part of any sample
+META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's meta members: skipped, part of no sample
 
 
 class TarFormatError(ValueError):
@@ -81,7 +81,7 @@ def tar_members(stream: BinaryIO, where: str, skip_samples: int = 0,
         if "size" in pax:
             size = int(pax["size"])
         pax, long_name = {}, None
-        if counting and kind in REGULAR and not _META_NAME.match(name):
+        if counting and kind in REGULAR and not META_MEMBER.match(name):
             match = _KEY.match(name)
             key = match.group(1) if match else name
             if key != last_key:
