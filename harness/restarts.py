@@ -44,7 +44,8 @@ def record_failure(output: str | Path, rank: int, cause: str, step: Optional[int
         return
     if keep_since is not None:
         try:
-            if json.loads((out / f"failure-rank{rank}.json").read_text()).get("time", 0) >= keep_since:
+            # records keep their time to the millisecond: rounded alike, one written just after keep_since counts
+            if json.loads((out / f"failure-rank{rank}.json").read_text()).get("time", 0) >= round(keep_since, 3):
                 return
         except (OSError, ValueError, AttributeError):
             pass  # none yet, or unreadable: write ours
