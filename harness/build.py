@@ -90,4 +90,4 @@ def build_distiller(recipe: Recipe, student: nn.Module, teachers: list[nn.Module
                  [t.weight for t in recipe.teachers], factor=m.projector_factor, feature_weight=m.feature_weight,
                  ce_weight=m.ce_weight, kd_weight=m.kd_weight, temperature=m.temperature,
                  fused_bias=m.bias_step == "fused", adapt=m.name == "atsc", label_smoothing=m.label_smoothing,
-                 views=views)
+                 views=views, teacher_bn=m.teacher_bn, anchor_scope=m.anchor_scope)

@@ -104,6 +104,22 @@ def bias_only_loss(teacher_pooled: torch.Tensor, classifier: nn.Linear, labels: 
     return F.cross_entropy(logits, labels)
 
 
+def teacher_logits_of(features: torch.Tensor, classifier: nn.Linear) -> torch.Tensor:
+    """The teacher's prediction from its distillation feature, in fp32, as the bias step computes it."""
+    bias = classifier.bias.detach().float() if classifier.bias is not None else None
+    return F.linear(pooled(features).detach().float(), classifier.weight.detach().float(), bias)
+
+
+def teacher_fit(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's own CE and top-1 on a training batch (probability labels: their argmax), for watching it.
+
+    Unsmoothed, as the bias step's CE is: in fused mode the CE is that term's value.
+    """
+    logits = logits.detach().float()
+    target = labels if labels.dim() == 1 else labels.argmax(-1)
+    return F.cross_entropy(logits, labels), (logits.argmax(-1) == target).float().mean()
+
+
 # ----------------------------------------------------------------------------- features
 
 
@@ -179,12 +195,25 @@ class Distiller(nn.Module):
     # Whether the teachers are being adapted (trained). Frozen teachers run in eval mode under
     # no_grad: exactly SimKD / KD, no teacher graph, no teacher gradients.
     adapting: bool = False
+    # While adapting: teachers the guard froze (eval mode; their lr is 0: harness/teacher_guard.py),
+    # and whether BatchNorm keeps its running statistics (``method.teacher_bn`` eval / frozen).
+    held: frozenset = frozenset()
+    teacher_bn_eval: bool = False
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
-        for teacher in self.teachers:
-            teacher.train(mode and self.adapting)
+        for k, teacher in enumerate(self.teachers):
+            teacher.train(mode and self.adapting and k not in self.held)
+            if self.teacher_bn_eval:
+                for module in teacher.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
         return self
+
+    def hold_teacher(self, k: int) -> None:
+        """Teacher k stays as it is from now on: eval mode (the optimizer's side: optim.freeze_teacher)."""
+        self.held = self.held | {k}
+        self.train(self.training)
 
     def set_adapting(self, adapting: bool) -> None:
         self.adapting = adapting
@@ -306,7 +335,8 @@ class SimKD(Distiller):
                  teacher_sizes: Sequence[Optional[tuple[int, int]]], teacher_weights: Sequence[float], *,
                  factor: int = 2, feature_weight: float = 1.0, ce_weight: float = 0.0, kd_weight: float = 0.0,
                  temperature: float = 4.0, fused_bias: bool = True, adapt: bool = False,
-                 label_smoothing: float = 0.0, views: Sequence[nn.Module] = ()):
+                 label_smoothing: float = 0.0, views: Sequence[nn.Module] = (), teacher_bn: str = "train",
+                 anchor_scope: str = "weights"):
         super().__init__(student, teachers, views)
         projectors = nn.ModuleList(
             ConvProjector(s, t, factor) if tap == "map" else MLPProjector(s, t, factor)
@@ -315,10 +345,16 @@ class SimKD(Distiller):
         self.taps = [FeatureTap(kind) for kind in taps]
         self.feature_weight, self.ce_weight, self.kd_weight = feature_weight, ce_weight, kd_weight
         self.temperature, self.fused_bias, self.label_smoothing = temperature, fused_bias, label_smoothing
-        self.can_adapt = adapt
+        self.can_adapt, self.anchor_scope = adapt, anchor_scope
+        self.teacher_bn_eval = adapt and teacher_bn != "train"
         if not adapt:
             for t in teachers:
                 t.requires_grad_(False)
+        elif teacher_bn == "frozen":  # scales and shifts stay as loaded: out of the optimizer and the reduction
+            for t in teachers:
+                for module in t.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.requires_grad_(False)
         if not (ce_weight or kd_weight):
             # no loss term reaches the student's own head: frozen, so no optimizer or gradient
             # reduction carries it (it stays in the student's weights and in the export)
@@ -340,15 +376,21 @@ class SimKD(Distiller):
         biases = {id(p) for p in self.bias_parameters()} if not self.fused_bias else set()
         # Two groups per teacher, tagged with its index: the optimizer tracks each teacher's
         # distance from W0 on its own (the step is the same as with all teachers in one group).
+        # ``anchor_scope: all`` puts every parameter in the anchored group (the other stays empty).
         for k, teacher in enumerate(self.teachers):
-            params = [p for p in teacher.parameters() if id(p) not in biases]
-            groups.append({"params": [p for p in params if p.dim() > 1], "role": "teacher", "anchor": True, "teacher": k})
-            groups.append({"params": [p for p in params if p.dim() <= 1], "role": "teacher", "anchor": False,
+            params = [p for p in teacher.parameters() if id(p) not in biases and p.requires_grad]
+            anchored = [p.dim() > 1 or self.anchor_scope == "all" for p in params]
+            groups.append({"params": [p for p, a in zip(params, anchored) if a], "role": "teacher", "anchor": True,
                            "teacher": k})
+            groups.append({"params": [p for p, a in zip(params, anchored) if not a], "role": "teacher",
+                           "anchor": False, "teacher": k})
         return groups
 
     def bias_parameters(self) -> list[nn.Parameter]:
-        return [c.bias for c in self.shared.classifiers if c.bias is not None]
+        return list(self.biases_by_teacher().values())
+
+    def biases_by_teacher(self) -> dict[int, nn.Parameter]:
+        return {k: c.bias for k, c in enumerate(self.shared.classifiers) if c.bias is not None}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Terms]:
         raw_s = self.student.forward_features(x)
@@ -356,13 +398,16 @@ class SimKD(Distiller):
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
         for k, tap in enumerate(self.taps):
             h_t = self.teacher_forward(k, tap, x)
+            classifier = self.shared.classifiers[k]
+            if self.adapting:
+                with torch.no_grad():  # the teacher's own prediction, watched while it adapts (harness/teacher_guard.py)
+                    terms[f"teacher{k}_ce"], terms[f"teacher{k}_top1"] = teacher_fit(teacher_logits_of(h_t, classifier), y)
             z = self.shared.project(raw_s, k)
             if z.dim() == 4:
                 z, h_t = align_maps(z, h_t)
             projected.append(z)
             terms[f"feature{k}"] = feature_loss(z, h_t)
             loss = loss + self.feature_weight * terms[f"feature{k}"]
-            classifier = self.shared.classifiers[k]
             if self.adapting and self.fused_bias and classifier.bias is not None:
                 terms[f"bias{k}"] = bias_only_loss(pooled(h_t), classifier, y)
                 loss = loss + terms[f"bias{k}"]

@@ -213,10 +213,13 @@ def build_optimizer(groups: list[dict], optim, anchor_weight: float) -> torch.op
     return AnchoredAdamW(groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, fused=True)
 
 
-def set_teachers_trainable(optimizer: torch.optim.Optimizer, trainable: bool) -> None:
-    """Frozen teachers get lr 0 and no weight decay, so their parameters cannot move."""
+def set_teachers_trainable(optimizer: torch.optim.Optimizer, trainable: bool, teacher: Optional[int] = None) -> None:
+    """Frozen teachers get lr 0 and no weight decay, so their parameters cannot move.
+
+    ``teacher``: only that one (its groups' ``teacher`` index), as the teacher guard freezes it.
+    """
     for group in optimizer.param_groups:
-        if group.get("role") == ROLE_TEACHER:
+        if group.get("role") == ROLE_TEACHER and (teacher is None or group.get("teacher") == teacher):
             group["frozen"] = not trainable
             group["weight_decay"] = group["base_weight_decay"] if trainable else 0.0
 
@@ -251,10 +254,10 @@ def peak_lr(optim, global_batch: int) -> float:
     return optim.lr * global_batch / optim.lr_batch if optim.lr_batch else optim.lr
 
 
-def bias_optimizer(params: list[torch.nn.Parameter], optim) -> Optional[torch.optim.Optimizer]:
-    """Separate optimizer of the classifier biases for the two-pass bias step."""
+def bias_optimizer(params: dict[int, torch.nn.Parameter], optim) -> Optional[torch.optim.Optimizer]:
+    """Separate optimizer of the classifier biases (by teacher index) for the two-pass bias step."""
     if not params:
         return None
-    groups = [{"params": params, "role": ROLE_TEACHER, "lr_mult": optim.teacher_lr_mult,
-               "base_weight_decay": optim.weight_decay}]
+    # a group per bias, tagged with its teacher as the main optimizer's are: the guard can freeze one
+    groups = [{"params": [p], "role": ROLE_TEACHER, "teacher": k} for k, p in params.items()]
     return build_optimizer(groups, optim, anchor_weight=0.0)

@@ -113,6 +113,14 @@ class Teacher(_Section):
         return self
 
 
+class TeacherGuard(_Section):
+    """Watches each adapting teacher's own top-1 on the training batches and acts when it falls (atsc)."""
+
+    max_drop: float = Field(5.0, ge=0, description="points of top-1: the guard acts when a teacher's smoothed training top-1 falls more than this below its level when adaptation started")
+    action: Literal["warn", "freeze", "stop"] = Field("freeze", description="warn: log it and go on; freeze: that teacher's lr is 0 and its BatchNorm in eval mode from then on (SimKD with the weights adapted so far); stop: checkpoint, then exit non-zero with the message")
+    window: int = Field(10, gt=0, description="optimizer steps: the start level is the mean over the first `window` adapted steps, and the smoothed value an exponential average over about as many; checked at each log step after the first `window`")
+
+
 class Method(_Section):
     name: Literal["supervised", "kd", "simkd", "atsc"] = Field(..., description="the method (ATSC.md section 3)")
     feature_weight: float = Field(1.0, ge=0, description="beta: weight of the feature MSE (simkd, atsc)")
@@ -123,6 +131,9 @@ class Method(_Section):
     projector_factor: int = Field(2, ge=1, description="f: projector bottleneck C_t / f")
     bias_step: Literal["fused", "two_pass"] = Field("fused", description="fused: one teacher forward per step; two_pass: the authors' second forward for the bias step")
     adapt_after: int = Field(0, ge=0, description="epochs with teachers frozen (exact SimKD) before they adapt (atsc)")
+    teacher_bn: Literal["train", "eval", "frozen"] = Field("train", description="the adapting teachers' BatchNorm (atsc): train: batch statistics, running statistics updated, scale and shift trained (the authors'); eval: running statistics used and kept, scale and shift trained; frozen: running statistics used and kept, scale and shift not trained")
+    anchor_scope: Literal["weights", "all"] = Field("weights", description="the teacher parameters the anchor holds near W0 (atsc): weights: the multi-dimensional ones (ATSC.md, the authors'); all: every one the teacher's optimizer steps, BatchNorm scales and shifts and biases included")
+    teacher_guard: Optional[TeacherGuard] = Field(default_factory=TeacherGuard, description="the guard of the adapting teachers' own accuracy (atsc); null: off")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the supervised CE terms")
 
 

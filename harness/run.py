@@ -38,10 +38,12 @@ from harness.optim import (LRSchedule, bias_optimizer, build_optimizer, decay_gr
 from harness.recipe import Recipe, RecipeError, load_recipe, to_yaml
 from harness.resources import cores_warning
 from harness.restarts import exception_cause, record_failure
+from harness.teacher_guard import TeacherCollapsed, TeacherGuard, TeacherWatch, watch_state_for
 from harness.watchdog import Watchdog
 from harness.zero import DeepSpeedVersionError, check_version
 
-USER_ERRORS = (RecipeError, ModelError, DataError, checkpoint.CheckpointError, NonFiniteLoss, DeepSpeedVersionError)
+USER_ERRORS = (RecipeError, ModelError, DataError, checkpoint.CheckpointError, NonFiniteLoss, DeepSpeedVersionError,
+               TeacherCollapsed)
 
 class StopSignals:
     """Stop requests, which the ranks agree on every few steps.
@@ -242,7 +244,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
     optimizer = build_optimizer(decay_groups(distiller.param_groups(), distiller.parts(), recipe.optim), recipe.optim,
                                 m.anchor_weight)
     two_pass = m.name == "atsc" and m.bias_step == "two_pass"
-    bias_opt = bias_optimizer(distiller.bias_parameters(), recipe.optim) if two_pass else None
+    bias_opt = bias_optimizer(distiller.biases_by_teacher(), recipe.optim) if two_pass else None
     engine = build_engine(distiller, optimizer, rt, d.batch_size, rr.grad_accum, recipe.optim.grad_clip, rr.compile)
     inner = base_optimizer(engine)
     ema = maybe_ema(distiller.deployed(), rr.zero_stage, rr.ema)  # after the engine: ZeRO-3 has partitioned it
@@ -269,6 +271,13 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
             log.write("eval", epoch=0, step=0, teachers_as_loaded=loaded)
     distiller.set_adapting(state["adapting"])
     set_teachers_trainable(inner, state["adapting"])
+    guard = teacher_guard(recipe, distiller, inner, bias_opt, rt)
+    if guard is not None and state.get("teacher_watch"):
+        guard.watch.load_state_dict(watch_state_for(state["teacher_watch"], rt.rank))
+    for trip in guard.load_state_dict(state.get("teacher_guard")) if guard is not None else ():
+        stopped = guard.act(trip)  # as the recipe says now: a run the guard stopped stops again unless told otherwise
+        if stopped:
+            raise TeacherCollapsed(stopped)
 
     steps_per_epoch = train_loader.batches_in_epoch(0) // rr.grad_accum
     progress = Progress(recipe.schedule.epochs * steps_per_epoch, rt.is_main)
@@ -280,7 +289,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
                          f"costs step time ({'up to 3-4x' if rr.zero_stage == 3 else 'a few %'}, README 'Step overhead'): "
                          f"`runtime.zero_stage: 0` is the fast path on one device")
     loop = Loop(engine, distiller, inner, bias_opt, train_loader, schedule, lr0, recipe, rt, log, progress, out,
-                steps_per_epoch, args.stop_after_steps, signals, watchdog, ema)
+                steps_per_epoch, args.stop_after_steps, signals, watchdog, ema, guard)
     epochs_run = 0
     for epoch in range(state["epoch"], recipe.schedule.epochs):
         if m.name == "atsc" and epoch >= m.adapt_after and not state["adapting"]:
@@ -288,9 +297,13 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
             set_teachers_trainable(inner, True)
             distiller.set_adapting(True)
             state["adapting"] = True
+            if guard is not None:
+                guard.watch.reset()
             log.write("adapt", epoch=epoch, step=state["step"])
         distiller.train()
         if not loop.train_epoch(epoch, state):
+            if loop.guard_stop is not None:
+                raise TeacherCollapsed(loop.guard_stop)
             signals.answered()
             progress.message(f"stopped at step {state['step']} ({state.get('stopped_by') or 'as asked'}), "
                              f"checkpointed; continue with --resume")
@@ -350,7 +363,7 @@ class Loop:
     def __init__(self, engine, distiller, inner, bias_opt, loader, schedule: LRSchedule, lr0: float, recipe: Recipe,
                  rt: Runtime, log: MetricsLog, progress: Progress, out: Path, steps_per_epoch: int,
                  stop_after_steps: Optional[int], signals: StopSignals, watchdog: Watchdog,
-                 ema: Optional[StudentEma] = None):
+                 ema: Optional[StudentEma] = None, teacher_guard: Optional[TeacherGuard] = None):
         self.engine, self.distiller, self.inner, self.bias_opt = engine, distiller, inner, bias_opt
         self.loader, self.schedule, self.lr0, self.recipe, self.rt = loader, schedule, lr0, recipe, rt
         self.log, self.progress, self.out = log, progress, out
@@ -360,6 +373,8 @@ class Loop:
         self.guard = NonFiniteGuard(distiller, [inner] + ([bias_opt] if bias_opt is not None else []), rt.device)
         self.teacher_names = [f"{i}:{t.model}" for i, t in enumerate(recipe.teachers)]  # as evaluations name them
         self.skipped_seen = 0  # the guard's count already added to the run's state
+        self.teacher_guard = teacher_guard
+        self.guard_stop: Optional[str] = None  # the teacher guard's message when it stops the run
 
     def save(self, state: dict, tag: str) -> None:
         if self.bias_opt is not None:
@@ -368,6 +383,9 @@ class Loop:
         partitioned = self.ema is not None and self.rt.zero_stage > 0  # each rank writes its part of the EMA
         if self.ema is not None and not partitioned:
             state["ema"] = self.ema.state_dict()  # stage 0: whole, in the run state rank 0 writes
+        if self.teacher_guard is not None:  # each rank's watch: a resumed run's guard trips where this one would
+            state["teacher_watch"] = all_gather_objects(self.teacher_guard.watch.state_dict())
+            state["teacher_guard"] = self.teacher_guard.state_dict()
         try:
             checkpoint.save(self.engine, self.out, tag, state, keep=self.recipe.runtime.keep_checkpoints,
                             rank_files=self.ema.save_partition if partitioned else None)
@@ -406,6 +424,8 @@ class Loop:
             set_lr(self.inner.param_groups, lr)
             self.inner.track_anchor = self.distiller.adapting and (state["step"] + 1) % rr.log_every == 0
             loss, terms = self.engine(x, y)
+            if self.teacher_guard is not None:
+                self.teacher_guard.watch.add(terms)
             self.guard.observe(loss)
             self.engine.backward(loss)
             boundary = self.engine.is_gradient_accumulation_boundary()
@@ -421,6 +441,8 @@ class Loop:
             if not boundary:
                 continue
             sums.close_step(self.guard.bad)
+            if self.teacher_guard is not None:
+                self.teacher_guard.watch.close_step(self.guard.bad)
             skipped = self.guard.bad.clone() if self.ema is not None else None  # stepped() clears the flag
             self.guard.stepped()
             state["step"] += 1
@@ -433,7 +455,7 @@ class Loop:
                                 window_wait / (now - window_start),
                                 rr.grad_accum * (now - window_start) / window_micro)
                 window_micro, window_wait, window_start = 0, 0.0, now
-            stop = self.stop_at is not None and state["step"] >= self.stop_at
+            stop = (self.stop_at is not None and state["step"] >= self.stop_at) or self.guard_stop is not None
             checking = state["step"] % rr.signal_check_every == 0
             if checking:
                 self.check_nonfinite(state, epoch)
@@ -471,6 +493,12 @@ class Loop:
         if self.distiller.adapting and any(g.get("anchor") for g in self.inner.param_groups):
             values["anchor"] = anchor_value(self.inner, rt)
             extra["anchor_dist"] = anchor_distances(self.inner, rt, self.teacher_names)
+        trips = []
+        if self.distiller.adapting and self.teacher_guard is not None:
+            watched, trips = self.teacher_guard.read(state["step"], epoch)
+            extra["teacher_train"] = {name: {"ce": round(values.pop(f"teacher{k}_ce", math.nan), 6),
+                                             "top1": round(values.pop(f"teacher{k}_top1", math.nan), 6), **watched[name]}
+                                      for k, name in enumerate(self.teacher_names)}
         remaining = epochs * self.steps_per_epoch - state["step"]
         self.log.write("train", epoch=epoch, step=state["step"], lr=lr, images_per_s=round(ips, 1),
                        data_wait=round(data_wait, 4), data_skipped=self.loader.position.skipped,
@@ -478,6 +506,11 @@ class Loop:
                        **{k: round(v, 6) for k, v in values.items()}, **extra)
         self.progress.update(state["step"], epoch, epochs, values.get("loss", math.nan), ips,
                              remaining * seconds_per_step)
+        for trip in trips:
+            self.log.write("teacher_guard", **trip)
+            self.progress.message(self.teacher_guard.message(trip))
+            # stop: the step loop checkpoints this step and ends the epoch; train() raises the message
+            self.guard_stop = self.teacher_guard.act(trip) or self.guard_stop
 
     def check_nonfinite(self, state: dict, epoch: int) -> None:
         """Count the steps skipped for a NaN/inf loss; stop when too many came in a row."""
@@ -497,6 +530,25 @@ class Loop:
                 f"and were skipped (limit `runtime.max_nonfinite_steps` = {limit}). The last good checkpoint is "
                 f"{good or '(none yet)'}; lower `optim.lr`, set `optim.grad_clip` or check the data, then continue "
                 f"with --resume{f' {good}' if good else ''}")
+
+
+def teacher_guard(recipe: Recipe, distiller, inner, bias_opt, rt: Runtime) -> Optional[TeacherGuard]:
+    """ATSC's watch over its adapting teachers and the guard (``method.teacher_guard``; null: watched, no guard)."""
+    if recipe.method.name != "atsc":
+        return None
+    config = recipe.method.teacher_guard
+
+    def freeze(k: int) -> None:
+        for optimizer in (inner, bias_opt):
+            if optimizer is not None:
+                set_teachers_trainable(optimizer, False, teacher=k)
+        distiller.hold_teacher(k)
+        # in eval mode its running statistics shape every rank's targets: rank 0's on all, as a resume has them
+        broadcast_buffers(distiller.teachers[k])
+
+    watch = TeacherWatch(len(recipe.teachers), config.window if config else 10, rt.device)
+    names = [f"{i}:{t.model}" for i, t in enumerate(recipe.teachers)]
+    return TeacherGuard(config, names, watch, freeze)
 
 
 def sync_buffers(distiller, ema: Optional[StudentEma]) -> None:
