@@ -7,7 +7,7 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mix
 # torch 2.14.1 / torchvision 0.29.1 are the builds that import together (and sit on this host's disk)
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install digits demo compare reproduce test test-quick docs clean wheels
+.PHONY: install digits demo compare compare-adapt reproduce test test-quick docs clean wheels
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,14 @@ demo: digits runs/demo-teacher/student.safetensors
 # runs/compare/results.md, results.json and top1.png. Finished runs are reused; COMPARE_ARGS passes options.
 compare: install digits
 	$(PY) bench/compare.py recipes/compare/table.yaml $(COMPARE_ARGS)
+
+# Where ATSC could help (recipes/compare/adapt.yaml): the student on a tenth of the train split, 5 seeds, ATSC as
+# published, each remedy, the guard; runs/compare/results-adapt.md. Shares the teacher and finished runs with compare.
+data/digits-tenth/_info.json: | install
+	$(PY) -m shards.digits --out data/digits-tenth --train-samples 144
+
+compare-adapt: install digits data/digits-tenth/_info.json
+	$(PY) bench/compare.py recipes/compare/adapt.yaml $(COMPARE_ARGS)
 
 # The paper's CIFAR-100 table (recipes/cifar100/table.yaml): teachers once, then every method x pair x seed,
 # one after another here, or as SLURM array jobs with REPRODUCE_ARGS="--slurm --sbatch=--gpus-per-task=1".

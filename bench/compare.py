@@ -84,6 +84,7 @@ class Table:
     teachers_published: dict[str, tuple[float, Optional[str]]]  # teacher recipe stem -> (top-1 %, source)
     sources: dict[str, str]
     notes: list[str]
+    baseline: Optional[str] = None  # a row's name: every other row says whether it beats that one
 
     def report_file(self, stem: str, suffix: str) -> str:
         """``results.md`` for ``table.yaml``; ``results-<name>.md`` for any other table sharing the folder."""
@@ -98,10 +99,10 @@ def load_table(path: Path, only: Sequence[str] = ()) -> Table:
         raise CompareError(f"cannot read the table {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise CompareError(f"{path} is not valid YAML: {e}") from None
-    unknown = set(tree) - {"title", "out", "seeds", "rows", "teachers", "sources", "notes"}
+    unknown = set(tree) - {"title", "out", "seeds", "rows", "teachers", "sources", "notes", "baseline"}
     if unknown:
         raise CompareError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: title, out, seeds, rows, "
-                           f"teachers, sources, notes")
+                           f"teachers, sources, notes, baseline")
     cells = []
     for i, row in enumerate(tree.get("rows") or []):
         for j, run in enumerate(row.get("runs") or []):
@@ -124,6 +125,9 @@ def load_table(path: Path, only: Sequence[str] = ()) -> Table:
         raise CompareError(f"{path}: no `rows` with `runs`; see recipes/compare/table.yaml for the format")
     if len({c.stem for c in cells}) != len(cells):
         raise CompareError(f"{path}: two rows have the same name; give a row that reuses a recipe a `name`")
+    baseline = tree.get("baseline")
+    if baseline is not None and baseline not in {c.stem for c in cells}:
+        raise CompareError(f"{path}: `baseline` {baseline!r} names no row; rows are {', '.join(c.stem for c in cells)}")
     if only:
         kept = [c for c in cells if c.stem in only or c.label in only]
         missing = set(only) - {c.stem for c in kept} - {c.label for c in kept}
@@ -135,7 +139,7 @@ def load_table(path: Path, only: Sequence[str] = ()) -> Table:
     out = Path(tree.get("out") or f"runs/{path.parent.name}")
     return Table(path, str(tree.get("title") or path.parent.name), out if out.is_absolute() else ROOT / out,
                  [int(s) for s in tree.get("seeds") or [0]], cells, teachers, dict(tree.get("sources") or {}),
-                 list(tree.get("notes") or []))
+                 list(tree.get("notes") or []), baseline if baseline in {c.stem for c in cells} else None)
 
 
 @dataclass
@@ -322,17 +326,19 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         if not (run_dir / name).is_file():
             raise CompareError(f"{run_dir / name} is missing: the run did not finish; rerun the same command")
     summary = json.loads((run_dir / "summary.json").read_text())
-    curve = {}
+    curve, trips = {}, {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line) if line.strip() else {}
         if record.get("kind") == "eval" and "student" in record:
             curve[int(record["epoch"])] = record["student"]["top1"]  # a resumed epoch's later record wins
+        elif record.get("kind") == "teacher_guard":
+            trips[record["teacher"]] = {k: record[k] for k in ("step", "action", "top1_start", "top1_smoothed")}
     process = run_dir / "compare-process.json"
     return {
         "top1": summary["student"]["top1"], "top5": summary["student"]["top5"],
         "teachers": summary.get("teachers", {}), "wall_time_s": summary["wall_time_s"],
         "process_s": json.loads(process.read_text())["seconds"] if process.is_file() else None,
-        "images_per_s": summary.get("images_per_s"), "curve": sorted(curve.items()),
+        "images_per_s": summary.get("images_per_s"), "curve": sorted(curve.items()), "guard_trips": trips,
         "params": deployed_parameters(run_dir / "student.safetensors"),
         "recipe": yaml.safe_load((run_dir / "recipe.yaml").read_text()),
     }
@@ -356,13 +362,19 @@ def aggregate(cell: Cell, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     # the KD literature reports the best test accuracy over all epochs (RepDistiller, SimKD, ATSC code)
     best, best_std = mean_std([max(c.values()) for c in curves])
     wall, wall_std = mean_std([r["wall_time_s"] for r in runs.values()])
+    adapted = {}  # an adapting method's teachers: their own final top-1, and the guard's trips
+    if next(iter(runs.values()))["recipe"]["method"]["name"] == "atsc":
+        for name in next(iter(runs.values()))["teachers"]:
+            m, sd = mean_std([r["teachers"][name]["top1"] for r in runs.values()])
+            steps = [r["guard_trips"][name]["step"] for r in runs.values() if name in r["guard_trips"]]
+            adapted[name] = {"top1_mean": m, "top1_std": sd, "tripped": len(steps), "trip_steps": steps}
     return {
         "run": cell.stem, "pair": cell.pair, "label": cell.label, "published": cell.published, "source": cell.source,
         "seeds": sorted(runs),
         "top1_mean": top1, "top1_std": top1_std, "top1_by_seed": {s: r["top1"] for s, r in sorted(runs.items())},
         "best_mean": best, "best_std": best_std,
         "params": params.pop(), "params_in_file": next(iter(runs.values()))["params"]["in_file"],
-        "wall_mean_s": wall, "wall_std_s": wall_std,
+        "wall_mean_s": wall, "wall_std_s": wall_std, "adapted_teachers": adapted,
         "epochs": epochs,
         "curve_mean": [mean_std([c[e] for c in curves])[0] for e in epochs],
         "curve_std": [mean_std([c[e] for c in curves])[1] for e in epochs],
@@ -381,23 +393,55 @@ def published_cell(value: Optional[float], source: Optional[str]) -> str:
     return " |" if value is None else f" {value:.2f}" + (f" [{source}]" if source else "") + " |"
 
 
-def table_markdown(rows: Sequence[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> str:
-    """The markdown table of results.md (and the README): top-1 in %, as papers print it."""
+def versus(row: dict[str, Any], base: dict[str, Any], key: str) -> str:
+    """``row`` against ``base`` on ``key`` (top1 or best): the difference in points, and whether it exceeds the
+    two rows' pooled standard deviation, sqrt((s1^2 + s2^2) / 2)."""
+    diff = 100 * (row[f"{key}_mean"] - base[f"{key}_mean"])
+    pooled = 100 * ((row[f"{key}_std"] ** 2 + base[f"{key}_std"] ** 2) / 2) ** 0.5
+    return f"{diff:+.2f} ({'yes' if diff > pooled else 'no'}, pooled std {pooled:.2f})"
+
+
+def adapted_cell(row: dict[str, Any], seeds: int) -> str:
+    """The adapted teachers' own final top-1 and the guard's trips (seeds tripped, at which steps)."""
+    parts = []
+    for name, t in row.get("adapted_teachers", {}).items():
+        trips = f"; guard tripped {t['tripped']}/{seeds}" + (
+            f" at step {min(t['trip_steps'])}-{max(t['trip_steps'])}" if t["trip_steps"] else "")
+        parts.append(f"{100 * t['top1_mean']:.2f} ± {100 * t['top1_std']:.2f}{trips}")
+    return "; ".join(parts)
+
+
+def table_markdown(rows: Sequence[dict[str, Any]], teachers: dict[str, dict[str, Any]],
+                   baseline: Optional[str] = None) -> str:
+    """The markdown table of results.md (and the README): top-1 in %, as papers print it.
+
+    With a ``baseline`` row, each row says whether it beats that row (final and best-epoch top-1);
+    where a method adapts its teachers, their own final top-1 and the guard's trips.
+    """
     n = max(len(r["seeds"]) for r in rows)
     has_published = any(r["published"] is not None for r in rows) or any(
         t["published"] is not None for t in teachers.values())
+    has_adapted = any(r.get("adapted_teachers") for r in rows)
+    base = next((r for r in rows if r["run"] == baseline), None)
+    base_label = base["label"].split(" (")[0] if base else ""
     head = (f"| pair | method | top-1 %, mean ± std ({n} seeds) | per seed | best epoch, mean ± std |"
-            + (" published |" if has_published else "") + " deployed parameters | wall time, mean ± std |")
+            + (" published |" if has_published else "")
+            + (f" vs {base_label}: final | vs {base_label}: best epoch |" if base else "")
+            + (" adapted teacher's top-1 % (final) |" if has_adapted else "")
+            + " deployed parameters | wall time, mean ± std |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for stem, t in teachers.items():
         lines.append(f"| teacher | {t['model']} ({stem}, 1 run) | {100 * t['top1']:.2f} | | {100 * t['best']:.2f} |"
                      + (published_cell(t["published"], t["source"]) if has_published else "")
+                     + (" | |" if base else "") + (" |" if has_adapted else "")
                      + f" {t['params']:,} | {fmt_seconds(t['wall_time_s'])} |")
     for r in rows:
         seeds = " / ".join(f"{100 * v:.2f}" for v in r["top1_by_seed"].values())
+        against = (" | |" if r is base else f" {versus(r, base, 'top1')} | {versus(r, base, 'best')} |") if base else ""
         lines.append(f"| {r['pair']} | {r['label']} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} | "
                      f"{seeds} | {100 * r['best_mean']:.2f} ± {100 * r['best_std']:.2f} |"
-                     + (published_cell(r["published"], r["source"]) if has_published else "")
+                     + (published_cell(r["published"], r["source"]) if has_published else "") + against
+                     + (f" {adapted_cell(r, len(r['seeds']))} |".replace("  |", " |") if has_adapted else "")
                      + f" {r['params']:,} | {fmt_seconds(r['wall_mean_s'])} ± {fmt_seconds(r['wall_std_s'])} |")
     return "\n".join(lines)
 
@@ -428,7 +472,14 @@ def write_markdown(path: Path, table: Table, rows, teachers, runs, jobs: int) ->
         f"Recipes in `{table.path.parent.relative_to(ROOT) if table.path.is_relative_to(ROOT) else table.path.parent}/`.",
     ]
     sources = [f"- [{key}] {text}" for key, text in table.sources.items()]
-    body = [f"# {table.title}", "", table_markdown(rows, teachers), "", *[f"- {n}" for n in notes if n], "",
+    if table.baseline:
+        notes.append("\"vs\" columns: the row's mean minus the baseline's, in points; \"yes\" where it is larger than "
+                     "the two rows' pooled standard deviation sqrt((s1^2 + s2^2) / 2), a plain bar, not a significance test.")
+    if any(r.get("adapted_teachers") for r in rows):
+        notes.append("Adapted teacher's top-1: the teacher's own validation top-1 at the end of the run (mean ± std "
+                     "over seeds; as loaded it is the teacher row's); \"guard tripped\": the seeds in which "
+                     "`method.teacher_guard` saw its smoothed training top-1 fall more than `max_drop` points, and where.")
+    body = [f"# {table.title}", "", table_markdown(rows, teachers, table.baseline), "", *[f"- {n}" for n in notes if n], "",
             *(["Published numbers:", "", *sources, ""] if sources else []),
             f"![validation top-1 per epoch]({table.report_file('top1', '.png')})", ""]
     path.write_text("\n".join(body))

@@ -2,7 +2,9 @@
 
 Reads each run's ``metrics.jsonl`` (and ``summary.json`` when the run finished) and draws one
 PNG: train loss by term, lr, student and teacher top-1 per epoch (adapted, and as loaded as a
-dotted line), each teacher's anchor distance ||W - W0||, images/s and data wait. One run: its
+dotted line), each teacher's anchor distance ||W - W0||, each adapting teacher's own top-1 and
+CE on the training batches (the window's mean, the guard's smoothed value dashed, its level when
+adaptation started dotted, a trip of the teacher guard as a vertical line), images/s and data wait. One run: its
 ``<run>/plot.png``; several: one figure comparing them (a colour per run), by default
 ``compare.png`` beside the first run.
 """
@@ -17,8 +19,8 @@ from typing import Any, Optional, Sequence
 
 # fields of a train record that are not loss terms
 NOT_TERMS = {"kind", "time", "epoch", "step", "lr", "images_per_s", "data_wait", "data_skipped", "steps_skipped",
-             "memory_gb", "anchor", "anchor_dist"}
-PANELS = ("loss", "lr", "top1", "anchor_dist", "images_per_s", "data_wait")
+             "memory_gb", "anchor", "anchor_dist", "teacher_train"}
+PANELS = ("loss", "lr", "top1", "anchor_dist", "teacher_top1", "teacher_ce", "images_per_s", "data_wait")
 
 
 class PlotError(Exception):
@@ -33,15 +35,19 @@ class Run:
     train: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     summary: Optional[dict[str, Any]] = None
+    trips: list[dict[str, Any]] = field(default_factory=list)  # the teacher guard's
 
     @property
     def name(self) -> str:
         return self.path.name
 
-    def series(self, key: str, inner: Optional[str] = None) -> tuple[list[int], list[float]]:
-        """(steps, values) of a train field (``inner``: a key inside a nested one), where present."""
-        pairs = [(r["step"], r[key] if inner is None else r[key][inner]) for r in self.train
-                 if key in r and (inner is None or inner in r[key])]
+    def series(self, key: str, inner: Optional[str] = None, leaf: Optional[str] = None) -> tuple[list[int], list[float]]:
+        """(steps, values) of a train field (``inner``: a key inside a nested one, ``leaf`` one more level), where present."""
+        def value(r: dict) -> Any:
+            v = r[key] if inner is None else r[key].get(inner, {})
+            return v.get(leaf) if leaf is not None else v
+        pairs = [(r["step"], value(r)) for r in self.train
+                 if key in r and (inner is None or inner in r[key]) and value(r) is not None]
         return [s for s, _ in pairs], [v for _, v in pairs]
 
 
@@ -52,6 +58,7 @@ def load_run(path: Path) -> Run:
         raise PlotError(f"{path}: no metrics.jsonl there; give a run's output directory (the recipe's `output`)")
     train: dict[int, dict] = {}
     evals: dict[tuple[int, bool], dict] = {}
+    trips: dict[str, dict] = {}
     for line in metrics.read_text().splitlines():
         if not line.strip():
             continue
@@ -60,9 +67,11 @@ def load_run(path: Path) -> Run:
             train[record["step"]] = record
         elif record["kind"] == "eval":
             evals[(record["epoch"], "teachers_as_loaded" in record)] = record
+        elif record["kind"] == "teacher_guard":
+            trips[record["teacher"]] = record
     summary = path / "summary.json"
     return Run(path, [train[s] for s in sorted(train)], [evals[k] for k in sorted(evals)],
-               json.loads(summary.read_text()) if summary.is_file() else None)
+               json.loads(summary.read_text()) if summary.is_file() else None, list(trips.values()))
 
 
 def _models(run: Run) -> list[str]:
@@ -82,7 +91,7 @@ def figure(runs: Sequence[Run]):
     matplotlib.use("Agg")  # files, not windows: training hosts have no display
     import matplotlib.pyplot as plt
 
-    fig, grid = plt.subplots(3, 2, figsize=(12, 11), layout="constrained")
+    fig, grid = plt.subplots(4, 2, figsize=(12, 14), layout="constrained")
     axes = dict(zip(PANELS, grid.flat))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ("-", "--", "-.", (0, (6, 1, 1, 1, 1, 1)))  # dotted is kept for the teachers as loaded
@@ -103,6 +112,20 @@ def figure(runs: Sequence[Run]):
         teachers = list(dict.fromkeys(t for r in run.train for t in r.get("anchor_dist", {})))
         for j, teacher in enumerate(teachers):
             axes["anchor_dist"].plot(*run.series("anchor_dist", teacher), label=prefix + teacher, **pick(j))
+        watched = list(dict.fromkeys(t for r in run.train for t in r.get("teacher_train", {})))
+        for j, teacher in enumerate(watched):
+            for panel, metric in (("teacher_top1", "top1"), ("teacher_ce", "ce")):
+                (line,) = axes[panel].plot(*run.series("teacher_train", teacher, metric), label=prefix + teacher,
+                                           **pick(j))
+                same = {"color": line.get_color()}
+                axes[panel].plot(*run.series("teacher_train", teacher, f"{metric}_smoothed"), linestyle="--",
+                                 linewidth=1, label=f"{prefix}{teacher} smoothed", **same)
+                axes[panel].plot(*run.series("teacher_train", teacher, f"{metric}_start"), linestyle=as_loaded,
+                                 linewidth=1.5, label=f"{prefix}{teacher} at adaptation start", **same)
+                for trip in run.trips:
+                    if trip["teacher"] == teacher:
+                        axes[panel].axvline(trip["step"], linewidth=1, label=f"{prefix}{teacher} guard: "
+                                            f"{trip['action']} at step {trip['step']}", **same)
         axes["images_per_s"].plot(*run.series("images_per_s"), label=prefix + "images/s", **pick(0))
         steps, wait = run.series("data_wait")
         axes["data_wait"].plot(steps, [100 * w for w in wait], label=prefix + "data wait", **pick(0))
@@ -120,6 +143,8 @@ def figure(runs: Sequence[Run]):
     titles = {"loss": ("train loss by term", "step", "loss"), "lr": ("learning rate", "step", "lr"),
               "top1": ("top-1 per epoch (dotted: teacher as loaded)", "epoch", "top-1"),
               "anchor_dist": ("anchor distance ||W - W0|| per teacher", "step", "||W - W0||"),
+              "teacher_top1": ("adapting teacher's own top-1 on the training batches", "step", "top-1"),
+              "teacher_ce": ("adapting teacher's own CE on the training batches", "step", "CE"),
               "images_per_s": ("train images/s", "step", "images/s"), "data_wait": ("data wait", "step", "% of step time")}
     for name, ax in axes.items():
         title, xlabel, ylabel = titles[name]

@@ -6,6 +6,11 @@ members) in one folder per split (``OUT/train/``, ``OUT/val/``, :mod:`shards.lay
 described by a timm-style ``_info.json``, then streamed like any other shards.
 
     python -m shards.digits --out data/digits
+    python -m shards.digits --out data/digits-tenth --train-samples 144   # the first 144 of the same train split
+
+``--train-samples N`` keeps the first N images of the same (seeded) train split, in one shard,
+and the whole validation split: a student that sees less than its teachers did
+(``recipes/compare/adapt.yaml``).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import argparse
 import io
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -22,8 +28,11 @@ from shards.layout import move_flat_layout, read_info, shard_file, shard_writer,
 SPLITS = {"train": 4, "val": 2}  # shards per split: enough for 2 ranks x 2 workers
 
 
-def write_digits(out: str | os.PathLike, seed: int = 0, val_fraction: float = 0.2) -> dict:
+def write_digits(out: str | os.PathLike, seed: int = 0, val_fraction: float = 0.2,
+                 train_samples: Optional[int] = None) -> dict:
     """Write the shards and ``_info.json`` into ``out`` (idempotent) and return the info dict.
+
+    ``train_samples``: only the first N of the train split (one shard); the val split is whole.
 
     A directory written before the per-split folders is moved into them (renames only).
     """
@@ -37,9 +46,10 @@ def write_digits(out: str | os.PathLike, seed: int = 0, val_fraction: float = 0.
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
     order = np.random.default_rng(seed).permutation(len(images))
     n_val = int(round(len(images) * val_fraction))
-    split_index = {"val": order[:n_val], "train": order[n_val:]}
+    split_index = {"val": order[:n_val], "train": order[n_val:][:train_samples]}
+    shards = {**SPLITS, "train": 1} if train_samples else SPLITS
     info = {"name": "digits", "classes": [str(c) for c in range(10)], "splits": {}}
-    for split, n_shards in SPLITS.items():
+    for split, n_shards in shards.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         parts = np.array_split(split_index[split], n_shards)
         for shard, idx in enumerate(parts):
@@ -58,8 +68,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/digits", help="output directory (default: data/digits)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    parser.add_argument("--train-samples", type=int, default=None, metavar="N",
+                        help="keep only the first N images of the train split (default: all)")
     args = parser.parse_args()
-    info = write_digits(args.out, args.seed)
+    if args.train_samples is not None and args.train_samples < 1:
+        parser.error("--train-samples must be at least 1")
+    info = write_digits(args.out, args.seed, train_samples=args.train_samples)
     counts = ", ".join(f"{k}: {v['num_samples']} in {len(v['filenames'])} shards" for k, v in info["splits"].items())
     print(f"digits shards in {args.out} ({counts})")
 

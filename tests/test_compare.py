@@ -153,6 +153,40 @@ def test_a_table_without_published_numbers_has_no_published_column(tmp_path, exp
     assert "published" not in (tmp_path / "results.md").read_text().splitlines()[2]
 
 
+def test_rows_say_whether_they_beat_the_baseline_and_what_became_of_an_adapted_teacher(tmp_path, exported):
+    table = write_table(tmp_path, published=False)
+    table.baseline = "supervised"
+    finals = {"supervised": [0.90, 0.86, 0.88], "atsc": [0.97, 0.95, 0.96]}
+    for method, values in finals.items():
+        for seed, final in enumerate(values):
+            run = tmp_path / f"{method}-s{seed}"
+            fabricate_run(run, method, "test_resnet", [0.5, final], 10.0, exported[method])
+            if method == "atsc":  # the adapted teacher's end, and the guard's trip in seeds 0 and 2
+                summary = json.loads((run / "summary.json").read_text())
+                summary["teachers"] = {"0:resnet18": {"top1": [0.5, 0.7, 0.6][seed], "top5": 1.0, "loaded_top1": 0.98}}
+                (run / "summary.json").write_text(json.dumps(summary))
+                if seed != 1:
+                    with (run / "metrics.jsonl").open("a") as f:
+                        f.write(json.dumps({"kind": "teacher_guard", "teacher": "0:resnet18", "step": 10 + seed,
+                                            "action": "warn", "top1_start": 0.99, "top1_smoothed": 0.9}) + "\n")
+    fabricate_run(tmp_path / "teacher-r18", "supervised", "resnet18", [0.98], 50.0, exported["supervised"])
+    result = compare.report(table, tmp_path, [0, 1, 2])
+    md = (tmp_path / "results.md").read_text().splitlines()
+    assert "| vs supervised: final | vs supervised: best epoch | adapted teacher's top-1 % (final) |" in md[2]
+    (atsc,) = [line for line in md if "| ATSC |" in line]
+    # +8.00 points against a pooled std of sqrt((2^2 + 1^2) / 2) = 1.58: beats it
+    assert "| +8.00 (yes, pooled std 1.58) | +8.00 (yes, pooled std 1.58) | 60.00 ± 10.00; guard tripped 2/3 at step 10-12 |" in atsc
+    (supervised,) = [line for line in md if "| supervised (student alone) |" in line]
+    assert "88.00 ± 2.00 | 90.00 / 86.00 / 88.00 | 88.00 ± 2.00 | | | |" in supervised
+    row = {r["run"]: r for r in result["rows"]}["atsc"]
+    assert row["adapted_teachers"]["0:resnet18"]["trip_steps"] == [10, 12]
+    with pytest.raises(compare.CompareError, match="`baseline` 'simkd' names no row"):
+        path = table.path
+        tree = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**tree, "baseline": "simkd"}))
+        compare.load_table(path)
+
+
 def test_unfinished_run_is_named(tmp_path, exported):
     table = write_table(tmp_path)
     fabricate_run(tmp_path / "supervised-s0", "supervised", "test_resnet", [0.5, 0.9], 10.0, exported["supervised"])

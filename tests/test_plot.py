@@ -60,6 +60,14 @@ def test_the_panels_are_drawn_from_the_runs_files(real_run):
     for teacher in TEACHERS:
         assert line(axes["anchor_dist"], teacher) == ([r["step"] for r in adapted],
                                                       [r["anchor_dist"][teacher] for r in adapted])
+    watched = [r for r in train if "teacher_train" in r]  # each adapting teacher's own training CE and top-1
+    assert watched and [r["step"] for r in watched] == [r["step"] for r in adapted]
+    for teacher in TEACHERS:
+        for panel, metric in (("teacher_top1", "top1"), ("teacher_ce", "ce")):
+            for label, key in ((teacher, metric), (f"{teacher} smoothed", f"{metric}_smoothed"),
+                               (f"{teacher} at adaptation start", f"{metric}_start")):
+                assert line(axes[panel], label) == ([r["step"] for r in watched],
+                                                    [r["teacher_train"][teacher][key] for r in watched]), (panel, label)
     evals = [r for r in records(real_run, "eval") if "student" in r]
     assert line(axes["top1"], "student") == ([r["epoch"] for r in evals], [r["student"]["top1"] for r in evals])
     assert line(axes["top1"], TEACHER) == ([r["epoch"] for r in evals], [r[TEACHER]["top1"] for r in evals])
@@ -101,6 +109,10 @@ def test_the_event_files_hold_the_same_records_across_the_resume(real_run):
     for key in ("loss", "feature0", "feature1", "bias0", "anchor", "lr", "images_per_s", "data_wait", "memory_gb"):
         assert scalars[f"train/{key}"] == {r["step"]: pytest.approx(r[key], rel=1e-6) for r in train if key in r}, key
     for teacher in TEACHERS:
+        for key in ("ce", "top1", "top1_start", "top1_smoothed"):
+            assert scalars[f"train/teacher_train/{teacher}/{key}"] == {
+                r["step"]: pytest.approx(r["teacher_train"][teacher][key], rel=1e-6) for r in train
+                if "teacher_train" in r}, (teacher, key)
         assert scalars[f"train/anchor_dist/{teacher}"] == {
             r["step"]: pytest.approx(r["anchor_dist"][teacher], rel=1e-6) for r in train if "anchor_dist" in r}
     evals = [r for r in records(real_run, "eval") if "student" in r]

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import launch, records, summary, tiny_recipe
+from harness import plot
 
 NAME = "0:test_resnet"
 
@@ -60,6 +61,9 @@ def test_freeze_trips_once_and_the_teacher_stops_moving(frozen_runs, stage):
     assert len(evals) == 2 and evals[0] == evals[1]
     s = summary(run)
     assert s["teachers"][NAME]["top1"] < s["teachers"][NAME]["loaded_top1"]  # it did collapse some way first
+    _, axes = plot.figure([plot.load_run(run)])  # the trip is drawn where the teacher's own top-1 is
+    (mark,) = [ln for ln in axes["teacher_top1"].get_lines() if "guard" in ln.get_label()]
+    assert mark.get_label() == f"{NAME} guard: freeze at step {trip['step']}" and list(mark.get_xdata()) == [trip["step"]] * 2
 
 
 def test_every_zero_stage_trips_at_the_same_step_with_the_same_values(frozen_runs):
@@ -106,3 +110,30 @@ def test_stop_checkpoints_and_exits_with_the_message_and_a_resume_obeys_the_reci
     on = launch([str(recipe), "--resume", "--set", "method.teacher_guard.action=warn"], cwd=work)
     assert on.returncode == 0, on.stderr[-3000:]
     assert summary(work / name)["epochs"] == 2
+
+
+VARIES = {"time", "images_per_s", "data_wait", "memory_gb"}  # what the clock and the host decide
+
+
+def deterministic(run: Path, kind: str) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in VARIES} for r in records(run, kind)]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_one_recipe_and_seed_give_the_same_run_bit_for_bit(work, digits, teacher, frozen_runs, processes):
+    """What keeps a README table reproducible: the same recipe and seed, run again, is the same run.
+
+    The guard's recipe (ATSC, a teacher that collapses and is frozen) at ZeRO-0: every weight,
+    every logged value and the trip are equal, at 1 process and at 2.
+    """
+    runs = [frozen_runs[0]] if processes == 2 else []
+    for i in range(2 - len(runs)):
+        name = f"guard-again{processes}-{i}"
+        result = launch([str(collapse_recipe(work, digits, teacher, name, 0, "freeze"))], cwd=work, processes=processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(work / name)
+    a, b = (load_file(str(run / "student.safetensors")) for run in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for kind in ("train", "eval", "teacher_guard"):
+        assert deterministic(runs[0], kind) == deterministic(runs[1], kind), kind
+    assert summary(runs[0])["student"] == summary(runs[1])["student"]
