@@ -202,7 +202,7 @@ def plan(table: Table, out: Path, extra: Sequence[str], seeds: Optional[Sequence
 
 
 def launch_command(job: Job, resume: bool = False) -> list[str]:
-    """One process (one GPU, or the CPU) under `accelerate launch`, as the README's launch line."""
+    """One process (one GPU, or the CPU) under `accelerate launch`, as the launch line of docs/getting-started.md."""
     sets = [arg for s in job.sets for arg in ("--set", s)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "harness" / "run.py"), str(job.recipe),
@@ -382,7 +382,7 @@ def published_cell(value: Optional[float], source: Optional[str]) -> str:
 
 
 def table_markdown(rows: Sequence[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> str:
-    """The markdown table of results.md (and the README): top-1 in %, as papers print it."""
+    """The markdown table of results.md (and docs/does-atsc-help.md): top-1 in %, as papers print it."""
     n = max(len(r["seeds"]) for r in rows)
     has_published = any(r["published"] is not None for r in rows) or any(
         t["published"] is not None for t in teachers.values())
