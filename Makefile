@@ -11,7 +11,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 install: $(VENV)/.installed
 
-# constraints.txt: the exact versions CI ran (README, "The environment")
+# constraints.txt: the exact versions CI ran (docs/getting-started.md, "The environment")
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt $(TORCH)
@@ -66,13 +66,16 @@ test-quick: install
 	$(PY) -m pytest -q --durations=10 -m "not launches" tests
 
 # .whl/ (git-ignored): the wheels a bare GPU machine lacks (Python 3.12, x86-64) and the project's own, for
-# `bench/gpu_suite.py OUT --wheels .whl` there (README 'GPU figures: one command'). Needs pip's network.
+# `bench/gpu_suite.py OUT --wheels .whl` there (docs/performance.md, 'GPU figures: one command'). Needs pip's network.
 wheels: install
 	$(PY) bench/gpu_suite.py --make-wheels .whl
 
-# Regenerate the README's recipe-key reference from the schema.
+# Regenerate the recipe-key reference (docs/recipes.md) from the schema, then build the documentation
+# site into site/ (git-ignored) strictly: a broken link or a page left out of mkdocs.yml's nav fails it. NO_MKDOCS_2_WARNING
+# leaves out Material's notice about its successor.
 docs: install
-	$(PY) -m harness.recipe --write README.md
+	$(PY) -m harness.recipe --write docs/recipes.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf runs data
+	rm -rf runs data site

@@ -206,7 +206,7 @@ def plan(table: Table, out: Path, extra: Sequence[str], seeds: Optional[Sequence
 
 
 def launch_command(job: Job, resume: bool = False) -> list[str]:
-    """One process (one GPU, or the CPU) under `accelerate launch`, as the README's launch line."""
+    """One process (one GPU, or the CPU) under `accelerate launch`, as the launch line of docs/getting-started.md."""
     sets = [arg for s in job.sets for arg in ("--set", s)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "harness" / "run.py"), str(job.recipe),
@@ -413,7 +413,7 @@ def adapted_cell(row: dict[str, Any], seeds: int) -> str:
 
 def table_markdown(rows: Sequence[dict[str, Any]], teachers: dict[str, dict[str, Any]],
                    baseline: Optional[str] = None) -> str:
-    """The markdown table of results.md (and the README): top-1 in %, as papers print it.
+    """The markdown table of results.md (and docs/does-atsc-help.md): top-1 in %, as papers print it.
 
     With a ``baseline`` row, each row says whether it beats that row (final and best-epoch top-1);
     where a method adapts its teachers, their own final top-1 and the guard's trips.

@@ -1,4 +1,4 @@
-"""Every GPU figure of the README from one command, on a bare GPU machine, in at most 8 minutes.
+"""Every GPU figure of the documentation (docs/performance.md) from one command, on a bare GPU machine, in at most 8 minutes.
 
     python3 bench/gpu_suite.py OUT --wheels .whl     # a GPU machine (carry .whl: `make wheels` here)
     .venv/bin/python bench/gpu_suite.py OUT --cpu    # the same code paths, small: tests/test_gpu_suite.py
@@ -132,7 +132,7 @@ def wheel_commands(dest: Path, python: str = sys.executable,
     missing = [name for name in CARRIED if name not in pins]
     if missing:
         raise SystemExit(f"constraints.txt pins no version of {', '.join(missing)}; add the versions CI ran "
-                         f"(README 'The environment') before `make wheels`")
+                         f"(docs/getting-started.md, 'The environment') before `make wheels`")
     binary = [f"{name}=={pins[name]}" for name in CARRIED if name not in SOURCE_ONLY]
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     commands = [[python, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
@@ -165,8 +165,8 @@ def make_wheels(dest: Path) -> list[Path]:
     if lacking:
         raise SystemExit(f"`make wheels` fetched no wheel for {', '.join(lacking)}")
     size = sum(w.stat().st_size for w in wheels) / 2**20
-    print(f"{len(wheels)} wheels, {size:.1f} MiB, in {dest}: carry it to the GPU machine (README "
-          f"'GPU figures: one command')")
+    print(f"{len(wheels)} wheels, {size:.1f} MiB, in {dest}: carry it to the GPU machine "
+          f"(docs/performance.md, 'GPU figures: one command')")
     return wheels
 
 
@@ -360,7 +360,7 @@ def plan(scale: Scale, work: Path, workers: int) -> list[Part]:
 
 
 def loader_workers(cpus: int, mode: str) -> int:
-    """Loader workers for end to end and the data path: most cores on a GPU machine (README: 12 of 16)."""
+    """Loader workers for end to end and the data path: most cores on a GPU machine (docs/performance.md: 12 of 16)."""
     return 1 if mode == "cpu" else max(2, min(12, cpus - 4))
 
 
@@ -581,7 +581,7 @@ def install(suite: Suite, wheels: Optional[Path], env: dict[str, str]) -> tuple[
         return None, env
     if not wheels.is_dir() or not any(wheels.glob("*.whl")):
         raise SystemExit(f"{wheels}: no wheels there; run `make wheels` on a machine with pip access and carry "
-                         f"the folder (README 'GPU figures: one command'), or leave out --wheels where the "
+                         f"the folder (docs/performance.md, 'GPU figures: one command'), or leave out --wheels where the "
                          f"project's packages are installed")
     site = suite.work / "site"
     part = Part("install", install_command(wheels, site))
@@ -597,7 +597,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["--worker"]:
         return worker_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Figures and how they are measured: the module docstring and the README.")
+                                epilog="Figures and how they are measured: the module docstring and docs/performance.md.")
     p.add_argument("out", type=Path, nargs="?", help="folder for gpu_suite.json, gpu_suite.md and gpu_suite.log")
     p.add_argument("--wheels", type=Path, help="install these wheels first (a folder `make wheels` filled)")
     p.add_argument("--cpu", action="store_true", help="the small CPU run of the same parts (automatic without CUDA)")
@@ -638,7 +638,7 @@ def run_suite(args: argparse.Namespace, argv: list[str], work: Path) -> int:
         errors = suite.env.get("import_errors") or {"env": check.error}
         print("the project's packages do not import here: " + "; ".join(f"{k}: {v}" for k, v in errors.items())
               + ". On a bare GPU machine run `make wheels` where pip works, carry .whl and pass --wheels .whl "
-              "(README 'GPU figures: one command')", file=sys.stderr)
+              "(docs/performance.md, 'GPU figures: one command')", file=sys.stderr)
         return 2
     cpu = args.cpu or not suite.env.get("cuda_available")
     scale = CPU if cpu else GPU

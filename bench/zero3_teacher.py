@@ -276,7 +276,7 @@ def _per_rank(values: list, fmt: str = "{:,.1f}") -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The README's table: stage, step, ratios to stages 0 and 2, memory per rank."""
+    """The table of docs/performance.md, 'ZeRO-3 with a big teacher': stage, step, ratios to stages 0 and 2, memory per rank."""
     cfg = result["config"]
     gpu = "cuda_peak_gib_per_rank" in next(iter(result["stages"].values()))
     lines = [f"ATSC, {cfg['teacher']} (adapted) -> {cfg['student']}, {cfg['size']} px, batch {cfg['batch']} per rank, "

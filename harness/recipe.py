@@ -1,7 +1,7 @@
 """Recipes: one YAML file describes a whole run.
 
 The schema below is the single source of truth: validation, defaults, the command-line
-overrides (``--set optim.lr=0.05``) and the README's key reference
+overrides (``--set optim.lr=0.05``) and the key reference of docs/recipes.md
 (``python -m harness.recipe --docs``) all come from it, so they cannot drift apart.
 
 Every error a user can cause here ends as one :class:`RecipeError` whose message names the
@@ -405,7 +405,7 @@ DOCS_START, DOCS_END = "<!-- recipe-keys:start -->", "<!-- recipe-keys:end -->"
 
 
 def write_docs(readme: Path) -> None:
-    """Replace the key reference between the README's markers with the schema's."""
+    """Replace the key reference between the markers of a docs page (docs/recipes.md) with the schema's."""
     text = readme.read_text()
     head, rest = text.split(DOCS_START)
     _, tail = rest.split(DOCS_END)
@@ -424,6 +424,6 @@ if __name__ == "__main__":
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     else:
-        print("usage: python -m harness.recipe --docs | --write README.md | --output RECIPE [--set k=v ...]",
+        print("usage: python -m harness.recipe --docs | --write docs/recipes.md | --output RECIPE [--set k=v ...]",
               file=sys.stderr)
         sys.exit(2)

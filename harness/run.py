@@ -286,7 +286,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
                      f"{'bf16' if rt.bf16 else 'fp32'} on {rt.device.type}")
     if rr.zero_stage and rt.world_size == 1:
         progress.message(f"note: ZeRO-{rr.zero_stage} partitions over processes; with one it saves no memory and "
-                         f"costs step time ({'up to 3-4x' if rr.zero_stage == 3 else 'a few %'}, README 'Step overhead'): "
+                         f"costs step time ({'up to 3-4x' if rr.zero_stage == 3 else 'a few %'}, docs/performance.md, 'Step overhead'): "
                          f"`runtime.zero_stage: 0` is the fast path on one device")
     loop = Loop(engine, distiller, inner, bias_opt, train_loader, schedule, lr0, recipe, rt, log, progress, out,
                 steps_per_epoch, args.stop_after_steps, signals, watchdog, ema, guard)

@@ -130,7 +130,7 @@ def _share_master_partitions(zero) -> None:
     DeepSpeed keeps it as a separate copy: stages 1-2 always clone it, stage 3 means to reuse
     the weights (``_create_fp32_partitions``) but decides so by comparing a ``torch.device`` with
     a device name ``str``, which is never equal. The copy costs a partition of fp32 memory per
-    rank (README, memory per rank) and, each step, a copy of the stepped values back into the
+    rank (docs/performance.md, 'Memory per rank under ZeRO') and, each step, a copy of the stepped values back into the
     weights. Pointing each master tensor at its weight partition's storage makes the optimizer
     step the weights in place (the same objects stay in the optimizer, its state keyed as
     before; the copy back becomes a copy onto itself, which torch skips).
