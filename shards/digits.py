@@ -6,7 +6,7 @@ members) in one folder per split (``OUT/train/``, ``OUT/val/``, :mod:`shards.lay
 described by a timm-style ``_info.json``, then streamed like any other shards.
 
     python -m shards.digits --out data/digits
-    python -m shards.digits --out data/digits-tenth --train-samples 144   # the first 144 of the same train split
+    python -m shards.digits --out data/digits-72 --train-samples 72   # the first 72 of the same train split
 
 ``--train-samples N`` keeps the first N images of the same (seeded) train split, in one shard,
 and the whole validation split: a student that sees less than its teachers did
