@@ -116,7 +116,7 @@ class Teacher(_Section):
 class TeacherGuard(_Section):
     """Watches each adapting teacher's own top-1 on the training batches and acts when it falls (atsc)."""
 
-    max_drop: float = Field(5.0, ge=0, description="points of top-1: the guard acts when a teacher's smoothed training top-1 falls more than this below its level when adaptation started")
+    max_drop: float = Field(2.0, ge=0, description="points of top-1: the guard acts when a teacher's smoothed training top-1 falls more than this below its level when adaptation started")
     action: Literal["warn", "freeze", "stop"] = Field("freeze", description="warn: log it and go on; freeze: that teacher's lr is 0 and its BatchNorm in eval mode from then on (SimKD with the weights adapted so far); stop: checkpoint, then exit non-zero with the message")
     window: int = Field(10, gt=0, description="optimizer steps: the start level is the mean over the first `window` adapted steps, and the smoothed value an exponential average over about as many; checked at each log step after the first `window`")
 

@@ -152,7 +152,7 @@ def test_without_a_guard_the_teachers_are_still_watched_and_never_tripped():
 
 def test_the_guard_is_on_for_atsc_by_default_and_can_be_switched_off():
     assert recipe().method.teacher_guard == GuardConfig()
-    assert GuardConfig().action == "freeze" and GuardConfig().max_drop == 5.0
+    assert GuardConfig().action == "freeze" and GuardConfig().max_drop == 2.0
     assert recipe(teacher_guard=None).method.teacher_guard is None
     with pytest.raises(ValueError, match="action"):
         recipe(teacher_guard={"action": "pause"})
