@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from harness import manifest
 from harness.distributed import all_gather_objects, all_reduce
+from harness.files import write_atomic
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -35,12 +36,6 @@ class CheckpointError(RuntimeError):
 def _agree(ok: bool, device) -> bool:
     """True only if every rank says ok (a rank's failure must stop them all together)."""
     return bool(all_reduce(torch.tensor([1.0 if ok else 0.0], device=device), "min").item())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int = 3,
@@ -89,7 +84,7 @@ def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int 
         if (root / tag).exists():
             shutil.rmtree(root / tag)
         os.replace(root / partial, root / tag)
-        _write_atomic(root / "latest", tag)
+        write_atomic(root / "latest", tag)
         prune(root, keep, state.get("best_tag"))
     if dist.is_initialized():
         dist.barrier()

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from harness.data import Preprocess, eval_transform, normalize
+from harness.files import atomic_path
 from harness.method import ConvProjector, MLPProjector, SharedClassifierStudent
 
 FORMAT = "harness.student/1"
@@ -69,10 +70,8 @@ def full_state_dict(module: nn.Module, zero_stage: int) -> dict[str, torch.Tenso
 
 
 def save_student(state: dict[str, torch.Tensor], config: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"harness": json.dumps(config)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"harness": json.dumps(config)})
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from harness.distributed import Runtime
+from harness.files import write_atomic
 
 
 def channels_last_input(module: nn.Module, args: tuple) -> tuple:
@@ -146,10 +147,7 @@ class LocalEngine:
                  "mp_world_size": 1, "engine": "harness.LocalEngine", **(client_state or {})}
         torch.save(state, os.path.join(path, self.CHECKPOINT_FILE))
         if save_latest:  # DeepSpeed's pointer file, replaced whole (harness.checkpoint publishes its own)
-            pointer = os.path.join(save_dir, "latest")
-            with open(pointer + ".tmp", "w") as f:
-                f.write(str(tag))
-            os.replace(pointer + ".tmp", pointer)
+            write_atomic(os.path.join(save_dir, "latest"), str(tag))
 
     def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = False) -> tuple[Optional[str], Optional[dict]]:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from harness.files import write_atomic
 
 FAILURE_GLOB = "failure-rank*.json"
 DEFAULT_MAX_RESTARTS = 3
@@ -50,9 +51,7 @@ def record_failure(output: str | Path, rank: int, cause: str, step: Optional[int
         except (OSError, ValueError, AttributeError):
             pass  # none yet, or unreadable: write ours
     record = {"rank": rank, "cause": cause, "step": step, "message": message[:2000], "time": round(time.time(), 3)}
-    tmp = out / f".failure-rank{rank}.json.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, out / f"failure-rank{rank}.json")
+    write_atomic(out / f"failure-rank{rank}.json", json.dumps(record))
 
 
 def exception_cause(error: BaseException) -> str:
