@@ -44,7 +44,7 @@ from harness.build import build_method  # noqa: E402
 from harness.distributed import init_runtime  # noqa: E402
 from harness.ema import StudentEma  # noqa: E402
 from harness.engine import base_optimizer, build_engine  # noqa: E402
-from harness.zero import deepspeed_config  # noqa: E402
+from harness.zero import deepspeed_config, init_distributed  # noqa: E402
 from harness.guard import NonFiniteGuard  # noqa: E402
 from harness.metrics import StepSums  # noqa: E402
 from harness.method import align_maps, pooled  # noqa: E402
@@ -76,6 +76,7 @@ def deepspeed_engine(model, optimizer, rt, recipe: Recipe, tuned: bool):
     """DeepSpeed's engine at any stage (0 included): with the harness's tuned configuration, or with
     the configuration it had before (DeepSpeed's defaults: throughput timers, grad norm), for
     showing where the engine's cost went."""
+    init_distributed("nccl" if rt.device.type == "cuda" else "gloo")  # as harness.zero.initialize: compiles nothing
     import deepspeed
 
     if tuned:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from harness import manifest
-from harness.distributed import all_gather_objects, all_reduce
+from harness.distributed import all_gather_objects, all_reduce, many_ranks, rank_and_world
 from harness.files import write_atomic
 
 
@@ -54,7 +54,7 @@ def save(engine, output: str | Path, tag: str, state: dict[str, Any], keep: int 
     """
     root = checkpoint_dir(output)
     partial = f"{tag}.partial"
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, _ = rank_and_world()
     checksums: dict[str, dict] = {}
 
     def write() -> None:
@@ -102,9 +102,10 @@ def _written_by(folder: Path, rank: int) -> list[Path]:
 
 def _gather_to_main(value: dict) -> list[dict]:
     """Every rank's ``value`` on rank 0 (a collective; others get []): one message per rank, not all to all."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not many_ranks():
         return [value]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    rank, world = rank_and_world()
+    out = [None] * world if rank == 0 else None
     dist.gather_object(value, out, dst=0)
     return out or []
 
@@ -189,7 +190,7 @@ def newest_published(output: str | Path) -> Optional[Path]:
 
 def _note_once(text: str) -> None:
     """Print to stderr from rank 0 only (before the process group exists: every rank decides alike)."""
-    if os.environ.get("RANK", "0") == "0":
+    if rank_and_world()[0] == 0:
         print(text, file=sys.stderr)
 
 
@@ -249,9 +250,9 @@ def _verify_agreed(path: Path) -> Optional[list[str]]:
     In a process group a collective (every rank calls it, on the same checkpoint); before one
     exists, or in a world of one, this process verifies every file.
     """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not many_ranks():
         return manifest.verify(path)
-    found = all_gather_objects(manifest.verify(path, dist.get_rank(), dist.get_world_size()))
+    found = all_gather_objects(manifest.verify(path, *rank_and_world()))
     if any(f is None for f in found):  # no manifest: every rank saw the same
         return None
     return sorted({p for f in found for p in f})
@@ -269,8 +270,9 @@ def check_world_size(path: Path, world_size: int) -> None:
 def load(engine, path: str | Path, bias_opt: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
     """Restore engine weights and optimizer from ``path``; return the run state saved with them."""
     path = Path(path)
-    check_world_size(path, dist.get_world_size() if dist.is_initialized() else 1)
-    if not (path / manifest.NAME).is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
+    rank, world = rank_and_world()
+    check_world_size(path, world)
+    if not (path / manifest.NAME).is_file() and rank == 0:
         print(f"note: checkpoint {path} has no {manifest.NAME} (written by an older version): resuming from it "
               f"unverified", file=sys.stderr)
     loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,

@@ -3,6 +3,9 @@
 Accelerate launches the processes (``accelerate launch``, torchrun, or SLURM through them) and
 creates the process group: NCCL on GPU nodes, gloo on CPU-only hosts. A plain ``python
 harness/run.py`` is a world of one. Everything here is a no-op in a world of one.
+
+Nothing here imports DeepSpeed: its communication layer is joined by ``harness.zero`` when a
+ZeRO 1-3 engine is built, over the process group made here.
 """
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ import os
 import socket
 import sys
 import threading
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -20,8 +22,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from harness import zero
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Runtime:
     local_rank: int
     bf16: bool
     zero_stage: int
+    collective_timeout: Optional[float] = None  # seconds; None: torch's default (see init_runtime)
 
     @property
     def is_main(self) -> bool:
@@ -43,18 +44,30 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks: the one way the harness asks.
+
+    From the process group once it exists; before that (a preflight, a note printed before the
+    group is joined) from the launcher's environment: ``RANK``/``WORLD_SIZE`` (accelerate,
+    torchrun), else ``SLURM_PROCID``/``SLURM_NTASKS``; else a world of one, rank 0.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank in os.environ or world in os.environ:
+            return int(os.environ.get(rank, "0")), int(os.environ.get(world, "1"))
+    return 0, 1
+
+
+def many_ranks() -> bool:
+    """Whether this process is in a process group of more than one rank: collectives have peers."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _quiet_libraries() -> None:
-    """Silence library chatter that says nothing to a user of this harness."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    ds_log = logging.getLogger("DeepSpeed")
-    ds_log.setLevel(logging.WARNING)
-    # Our optimizer is a torch SGD/AdamW with the anchor term: "untested" by DeepSpeed by design.
-    ds_log.addFilter(lambda record: "untested optimizer" not in record.getMessage())
+    """Silence library chatter that says nothing to a user of this harness (DeepSpeed's: ``harness.zero``)."""
     # "No CUDA runtime is found" on CPU hosts, where that is expected
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    # DeepSpeed still calls collectives that torch has renamed; nothing for a user to do
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="deepspeed")
 
 
 def _free_port() -> int:
@@ -82,14 +95,14 @@ def init_runtime(precision: str, zero_stage: int, threads: Optional[int] = None,
     # On a CPU-only host Accelerate counts one process unless it is told the backend.
     timeout = {"timeout": timedelta(seconds=collective_timeout)} if collective_timeout else {}
     state = PartialState(backend="nccl" if cuda else "gloo", **timeout)
-    zero.init_distributed("nccl" if cuda else "gloo", **timeout)  # compiles nothing (see there)
     bf16 = precision == "bf16" or (precision == "auto" and cuda and torch.cuda.is_bf16_supported())
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(device=state.device, rank=state.process_index, world_size=state.num_processes,
-                   local_rank=state.local_process_index, bf16=bf16, zero_stage=zero_stage)
+                   local_rank=state.local_process_index, bf16=bf16, zero_stage=zero_stage,
+                   collective_timeout=collective_timeout)
 
 
 FAILED_EXIT_WITHIN = 15.0  # seconds a failing rank may spend tearing down its process group
@@ -125,14 +138,14 @@ def shutdown(wait_for_peers: bool = True) -> None:
 
 def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce ('sum', 'max' or 'min') across ranks; a no-op in a world of one."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if many_ranks():
         dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return values
 
 
 def all_gather_objects(value) -> list:
     """Every rank's ``value``, in rank order (a collective; for checkpoint-time state only)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not many_ranks():
         return [value]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
@@ -146,6 +159,6 @@ def broadcast_buffers(module: nn.Module) -> None:
     the model's. Called before evaluation and export, so every rank evaluates, and the file
     holds, the same model, and a resumed run (which restores rank 0's) ends exactly the same.
     """
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if many_ranks():
         for buffer in module.buffers():
             dist.broadcast(buffer.data, src=0)

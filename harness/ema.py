@@ -36,11 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from harness.distributed import many_ranks, rank_and_world
 
 
 def _partitioned(param: nn.Parameter, zero_stage: int) -> bool:
@@ -59,7 +55,7 @@ def _gather_whole(params: list[nn.Parameter], partitions: list[torch.Tensor]) ->
     n = ``ds_tensor.numel()``, the last rank's padded.
     """
     flat = torch.cat([t.reshape(-1) for t in partitions])
-    world = dist.get_world_size()
+    _, world = rank_and_world()
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     by_rank = torch.stack(gathered)  # (world, sum of partition sizes)
@@ -198,7 +194,7 @@ class StudentEma:
 
     def broadcast_buffers(self) -> None:
         """Give every rank rank 0's averaged buffers, as ``broadcast_buffers`` does for the student's."""
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if many_ranks():
             for shadow in self.shadow[len(self.shadow) - self.n_buffers:]:
                 dist.broadcast(shadow, src=0)
 
@@ -217,7 +213,7 @@ class StudentEma:
 
     def save_partition(self, folder: Path) -> None:
         """Stages 1-3: this rank's part of the averages into ``folder`` (every rank calls it)."""
-        rank, world = _rank_world()
+        rank, world = rank_and_world()
         n_params = len(self.shadow) - self.n_buffers
         # stages 1-2: every world-th parameter; buffers (each rank's own statistics) by every rank
         mine = range(len(self.shadow)) if self.zero_stage == 3 else \
@@ -227,7 +223,7 @@ class StudentEma:
 
     def load_partition(self, folder: Path) -> None:
         """Stages 1-3: this rank's averages from ``folder``, as :meth:`save_partition` wrote them."""
-        rank, world = _rank_world()
+        rank, world = rank_and_world()
         sources = [rank] if self.zero_stage == 3 else [r for r in range(world) if r != rank] + [rank]
         found: dict[int, torch.Tensor] = {}
         for r in sources:  # this rank's own file last: its buffers are its own

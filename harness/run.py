@@ -24,7 +24,8 @@ import torch
 from harness import checkpoint
 from harness.build import build_method, check_model_files
 from harness.data import DataError, Position, build_loaders, plan_data
-from harness.distributed import Runtime, all_gather_objects, all_reduce, broadcast_buffers, init_runtime, shutdown
+from harness.distributed import (Runtime, all_gather_objects, all_reduce, broadcast_buffers, init_runtime, rank_and_world,
+                                 shutdown)
 from harness.ema import EmaView, StudentEma, maybe_ema
 from harness.engine import base_optimizer, build_engine, two_pass_bias_step
 from harness.evaluation import evaluate
@@ -107,12 +108,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         resume_from = preflight(recipe, args)
     except USER_ERRORS as e:
         # recorded where the output folder exists (slurm/train.sbatch makes it): a refusal recurs, so it is not retried
-        record_failure(recipe.output, int(os.environ.get("RANK", "0")), exception_cause(e), None, str(e))
+        record_failure(recipe.output, rank_and_world()[0], exception_cause(e), None, str(e))
         return refused(f"{args.recipe}: {e}")
     # `kill -USR2 <pid>` prints every thread's Python stack to stderr: where a stuck rank waits.
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     # Handlers first: a warning signal that arrives during start-up must not kill the process.
-    signals = StopSignals(Path(recipe.output), poll_files=os.environ.get("RANK", "0") == "0")
+    signals = StopSignals(Path(recipe.output), poll_files=rank_and_world()[0] == 0)
     rr = recipe.runtime
     rt = init_runtime(rr.precision, rr.zero_stage, rr.threads, rr.collective_timeout)
     watchdog = Watchdog(rr.progress_timeout, rt.rank, rt.world_size, recipe.output)
@@ -163,7 +164,7 @@ def resume_point(recipe: Recipe, resume: Optional[str]) -> Optional[Path]:
 
 def refused(message: str) -> int:
     """Print a refusal before start-up, once (rank 0: every rank refuses alike); the exit status 2."""
-    if os.environ.get("RANK", "0") == "0":
+    if rank_and_world()[0] == 0:
         print(f"error: {message}", file=sys.stderr)
     return 2
 
@@ -178,7 +179,7 @@ def preflight(recipe: Recipe, args: argparse.Namespace) -> Optional[Path]:
     resume from, if any. First of all, the installed DeepSpeed must be one the engine was tested on.
     """
     check_version()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher; none: a world of one
+    _, world_size = rank_and_world()  # the launcher's, before any process group; none: a world of one
     resume_from = resume_point(recipe, args.resume)
     if resume_from is not None:
         checkpoint.check_world_size(resume_from, world_size)

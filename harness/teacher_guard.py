@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from harness.distributed import all_reduce
+from harness.distributed import all_reduce, rank_and_world
 
 CE, TOP1 = 0, 1  # columns of the watch's tensors
 
@@ -92,7 +92,7 @@ class TeacherWatch:
         values the value over the global batch.
         """
         packed = torch.cat([self.start_sum.flatten(), self.smoothed.flatten(), self.start_steps.reshape(1)])
-        packed = all_reduce(packed, "sum") / world_size()
+        packed = all_reduce(packed, "sum") / rank_and_world()[1]
         n = self.teachers * 2
         start_steps = packed[-1].item()  # the same on every rank: steps are skipped on all alike
         start = packed[:n].view(self.teachers, 2) / max(start_steps, 1.0)
@@ -109,13 +109,9 @@ class TeacherWatch:
         self.steps = torch.tensor(float(state["steps"]), device=self.device)
 
 
-def world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
 def watch_state_for(per_rank: list[dict[str, Any]], rank: int) -> dict[str, Any]:
     """This rank's saved watch state; resumed at another world size, the ranks' mean (all the guard reads)."""
-    if len(per_rank) == world_size():
+    if len(per_rank) == rank_and_world()[1]:
         return per_rank[rank]
     mean = lambda key: torch.tensor([s[key] for s in per_rank], dtype=torch.float64).mean(0).tolist()  # noqa: E731
     return {**per_rank[0], "start_sum": mean("start_sum"), "smoothed": mean("smoothed")}

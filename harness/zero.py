@@ -8,13 +8,17 @@ pinned to the ones the tests ran on.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import logging
+import os
+import warnings
+from datetime import timedelta
+from typing import Optional
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
-if TYPE_CHECKING:  # only for hints: harness.distributed imports this module
-    from harness.distributed import Runtime
+from harness.distributed import Runtime
 
 # The DeepSpeed versions the patches below were tested on (tests/test_engine.py passed under each).
 # pyproject.toml allows exactly these and constraints.txt installs one of them; adding a version
@@ -49,9 +53,11 @@ def check_version() -> None:
             f"deepspeed=={SUPPORTED_DEEPSPEED[-1]}` (or `make install`, which uses constraints.txt)")
 
 
-def initialize(model: nn.Module, optimizer, rt: "Runtime", micro_batch: int, grad_accum: int,
+def initialize(model: nn.Module, optimizer, rt: Runtime, micro_batch: int, grad_accum: int,
                grad_clip: Optional[float]):
     """DeepSpeed's engine over ``model`` for ZeRO stages 1-3, with the harness's patches applied."""
+    init_distributed("nccl" if rt.device.type == "cuda" else "gloo",
+                     **({"timeout": timedelta(seconds=rt.collective_timeout)} if rt.collective_timeout else {}))
     import deepspeed
 
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
@@ -162,7 +168,7 @@ def _master_pairs(zero):
     return None
 
 
-def deepspeed_config(rt: "Runtime", micro_batch: int, grad_accum: int, grad_clip: Optional[float],
+def deepspeed_config(rt: Runtime, micro_batch: int, grad_accum: int, grad_clip: Optional[float],
                      trainable: int = 0) -> dict:
     """DeepSpeed's configuration for stages 1-3, without per-step work nobody reads.
 
@@ -203,8 +209,23 @@ def deepspeed_config(rt: "Runtime", micro_batch: int, grad_accum: int, grad_clip
     return config
 
 
+def _quiet_deepspeed() -> None:
+    """Silence DeepSpeed's chatter that says nothing to a user of this harness (before it is imported)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    ds_log = logging.getLogger("DeepSpeed")
+    ds_log.setLevel(logging.WARNING)
+    # Our optimizer is a torch SGD/AdamW with the anchor term: "untested" by DeepSpeed by design.
+    ds_log.addFilter(lambda record: "untested optimizer" not in record.getMessage())
+    # DeepSpeed still calls collectives that torch has renamed; nothing for a user to do
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="deepspeed")
+
+
 def init_distributed(backend: str, **kwargs) -> None:
     """DeepSpeed's communication layer over the process group Accelerate made, compiling nothing.
+
+    Joined when a ZeRO 1-3 engine is built (:func:`initialize`; DeepSpeed's own call finds it joined):
+    ``harness.distributed`` makes the process group and imports nothing of DeepSpeed's.
 
     On CPU hosts DeepSpeed's ``TorchBackend`` (``deepspeed/comm/torch.py``) builds its
     ``deepspeed_shm_comm`` C++ op when it is created: a JIT build with the host's compiler (about
@@ -219,6 +240,7 @@ def init_distributed(backend: str, **kwargs) -> None:
     import importlib
 
     check_version()  # every entry point (run.py refuses earlier, in its preflight)
+    _quiet_deepspeed()
     import deepspeed
 
     # by name: the attribute deepspeed.comm.torch is torch itself (a star import shadows the module)

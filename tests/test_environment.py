@@ -54,3 +54,29 @@ def test_the_package_metadata_and_constraints_pin_the_tested_deepspeed():
                 if line and not line.startswith("#"))
     assert pins["deepspeed"] in zero.SUPPORTED_DEEPSPEED
     assert {name: importlib.metadata.version(name) for name in pins} == pins
+
+
+def test_the_process_group_module_imports_nothing_of_deepspeed():
+    """harness.distributed makes the process group; DeepSpeed is joined by harness.zero, which imports it, not the reverse."""
+    import subprocess
+    import sys
+
+    check = ("import harness.distributed, sys; "
+             "assert 'deepspeed' not in sys.modules and 'harness.zero' not in sys.modules, "
+             "sorted(m for m in sys.modules if 'deepspeed' in m or m == 'harness.zero')")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_rank_and_world_come_from_the_launcher_before_the_process_group(monkeypatch):
+    from harness.distributed import rank_and_world
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert rank_and_world() == (0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert rank_and_world() == (2, 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # accelerate's / torchrun's, ahead of SLURM's
+    assert rank_and_world() == (1, 2)
