@@ -1,4 +1,4 @@
-"""The training engine and the training step's extra pass.
+"""The training engine: DeepSpeed's interface at every ZeRO stage.
 
 The student, its projectors and any adapted teachers are one engine: at ZeRO-0 ``LocalEngine``
 (the module, DDP across ranks: nothing is partitioned, so nothing of DeepSpeed's is needed), at
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from harness import zero
-from harness.distributed import Runtime, all_reduce
+from harness.distributed import Runtime
 from harness.local_engine import LocalEngine, channels_last_input
 
 
@@ -48,22 +48,3 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
 
-
-def two_pass_bias_step(distiller, bias_opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                       rt: Runtime) -> torch.Tensor:
-    """The authors' order: after the main step, a second teacher forward steps only the biases.
-
-    ``y`` is the main step's: class indices, or the mixed soft targets of a Mixup/CutMix batch.
-    """
-    params = distiller.bias_parameters()
-    with rt.autocast():
-        loss = distiller.bias_loss(x, y)
-    grads = torch.autograd.grad(loss, params)
-    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads])) / rt.world_size
-    offset = 0
-    for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
-        offset += p.numel()
-    bias_opt.step()
-    bias_opt.zero_grad(set_to_none=True)
-    return loss.detach()

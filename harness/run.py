@@ -27,7 +27,8 @@ from harness.data import DataError, Position, build_loaders, plan_data
 from harness.distributed import (Runtime, all_gather_objects, all_reduce, broadcast_buffers, init_runtime, rank_and_world,
                                  shutdown)
 from harness.ema import EmaView, StudentEma, maybe_ema
-from harness.engine import base_optimizer, build_engine, two_pass_bias_step
+from harness.bias_step import two_pass_bias_step
+from harness.engine import base_optimizer, build_engine
 from harness.evaluation import evaluate
 from harness.export import full_state_dict, save_student, student_config
 from harness.guard import NonFiniteGuard, NonFiniteLoss

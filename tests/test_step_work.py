@@ -183,7 +183,7 @@ def _ddp_worker(rank: int, world: int, init: str, configs: list, out: str) -> No
 
     from harness.build import build_method
     from harness.distributed import Runtime
-    from harness.engine import two_pass_bias_step
+    from harness.bias_step import two_pass_bias_step
     from harness.local_engine import LocalEngine
     from harness.recipe import load_recipe
 
