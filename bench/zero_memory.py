@@ -15,7 +15,7 @@ a second, and counts, per rank, the bytes of every tensor storage it holds, each
 - master: the fp32 partition the ZeRO-1/2 optimizer steps (a copy of the weights; at ZeRO-3 in
   fp32 it is the partition itself, so it is counted under params);
 - grads: what the engine keeps of the gradients at that point (stage 0: ``.grad``, views of
-  DDP's buckets in the harness's LocalEngine; stages 1-3: the reduced partition buffers);
+  DDP's buckets in the harness's DDPEngine; stages 1-3: the reduced partition buffers);
 - optim: optimizer state (SGD momentum, AdamW moments), W0 excluded;
 - anchor: ATSC's reference weights W0, which live in the optimizer state (harness/optim.py);
 - buffers: module buffers (BatchNorm running statistics), never partitioned;

@@ -17,7 +17,7 @@ swapped. At stage 3 no whole copy exists: :meth:`StudentEma.applied` copies the 
 partitions into the live ones, runs the caller's code (an evaluation batch, an export) and
 copies the weights back bit for bit, so ZeRO-3's gathering and the export work on it as on the
 student; within :meth:`StudentEma.evaluating` the whole averages are gathered once for the
-evaluation, not at every batch. :class:`EmaView` makes the EMA one more model of
+evaluation, not at every batch. :class:`EmaWeights` makes the EMA one more model of
 an evaluation either way.
 
 Checkpoints: at stage 0 the averages travel in the run state (rank 0 writes it); at stages 1-3
@@ -236,18 +236,19 @@ class StudentEma:
         self.load_state_dict({"shadow": [found[i] for i in range(len(self.shadow))]})
 
 
-class EmaView(nn.Module):
-    """The deployed student with its EMA weights, as a model to evaluate beside the student.
+class EmaWeights(nn.Module):
+    """The deployed student with its EMA weights in place of its own: a model to evaluate beside the student.
 
-    Each forward runs the student's module with the averages copied in (``StudentEma.applied``);
-    the module is not registered here, so it is not owned twice.
+    Each forward runs the averages: at stages 0-2 the EMA's own copy of the module, at stage 3
+    the student's module with the averages swapped in for the forward (``StudentEma.applied``)
+    and its own weights back afterwards. The module is not registered here, so it is not owned twice.
     """
 
     def __init__(self, ema: StudentEma):
         super().__init__()
         self.ema = ema
 
-    def train(self, mode: bool = True) -> "EmaView":
+    def train(self, mode: bool = True) -> "EmaWeights":
         (self.ema.copy or self.ema.module).train(mode)
         return super().train(mode)
 

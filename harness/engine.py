@@ -1,6 +1,6 @@
 """The training engine: DeepSpeed's interface at every ZeRO stage.
 
-The student, its projectors and any adapted teachers are one engine: at ZeRO-0 ``LocalEngine``
+The student, its projectors and any adapted teachers are one engine: at ZeRO-0 ``DDPEngine``
 (the module, DDP across ranks: nothing is partitioned, so nothing of DeepSpeed's is needed), at
 stages 1-3 DeepSpeed's, built with ``deepspeed.initialize`` (``harness.zero``) rather than
 through Accelerate's DeepSpeed plugin, which imports ``transformers`` unconditionally and would
@@ -19,12 +19,12 @@ from torch import nn
 
 from harness import zero
 from harness.distributed import Runtime
-from harness.local_engine import LocalEngine, channels_last_input
+from harness.ddp_engine import DDPEngine, channels_last_input
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, micro_batch: int,
                  grad_accum: int, grad_clip: Optional[float], compile: bool = False):
-    """The training engine over the distiller: ``LocalEngine`` at ZeRO-0, DeepSpeed at stages 1-3.
+    """The training engine over the distiller: ``DDPEngine`` at ZeRO-0, DeepSpeed at stages 1-3.
 
     Stage 0 partitions nothing, so it needs none of DeepSpeed's machinery: a plain module (DDP
     across ranks) steps as fast as a hand-written loop and writes checkpoints in DeepSpeed's
@@ -35,7 +35,7 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime
     if compile:
         model.compile()
     if rt.zero_stage == 0:
-        return LocalEngine(model, optimizer, rt, grad_accum, grad_clip)
+        return DDPEngine(model, optimizer, rt, grad_accum, grad_clip)
     if rt.device.type == "cuda":
         # DeepSpeed flattens parameters into contiguous buffers (channels_last weights are
         # refused at initialize); channels_last input still gets cuDNN's NHWC kernels.
@@ -44,7 +44,7 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer inside the engine (ZeRO wraps it; ``LocalEngine`` holds it as is)."""
+    """The torch optimizer inside the engine (ZeRO wraps it; ``DDPEngine`` holds it as is)."""
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
 

@@ -26,7 +26,7 @@ from harness.build import build_method, check_model_files
 from harness.data import DataError, Position, build_loaders, plan_data
 from harness.distributed import (Runtime, all_gather_objects, all_reduce, broadcast_buffers, init_runtime, rank_and_world,
                                  shutdown)
-from harness.ema import EmaView, StudentEma, maybe_ema
+from harness.ema import EmaWeights, StudentEma, maybe_ema
 from harness.bias_step import two_pass_bias_step
 from harness.engine import base_optimizer, build_engine
 from harness.evaluation import evaluate
@@ -251,7 +251,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: "StopS
     inner = base_optimizer(engine)
     ema = maybe_ema(distiller.deployed(), rr.zero_stage, rr.ema)  # after the engine: ZeRO-3 has partitioned it
     schedule, lr0 = LRSchedule(recipe.schedule), peak_lr(recipe.optim, global_batch)
-    eval_models = {"student": distiller.deployed(), **({"student_ema": EmaView(ema)} if ema else {}),
+    eval_models = {"student": distiller.deployed(), **({"student_ema": EmaWeights(ema)} if ema else {}),
                    **{f"{i}:{t.model}": teacher for i, (t, teacher) in enumerate(zip(recipe.teachers, distiller.viewed_teachers()))}}
 
     # --- state: fresh or resumed

@@ -9,7 +9,7 @@ from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
 from conftest import launch, records, summary, tiny_recipe
-from harness.ema import EmaView, StudentEma
+from harness.ema import EmaWeights, StudentEma
 
 
 @pytest.mark.parametrize("kwargs", [{"decay": 0.9}, {"decay": 0.999, "warmup": True},
@@ -61,7 +61,7 @@ def test_matches_timm_on_a_trained_model_with_batchnorm():
         assert torch.equal(value, before[key]), key
     model.eval()
     x = torch.randn(4, 3, 32, 32)
-    assert torch.equal(EmaView(ema)(x), reference.module.eval()(x))
+    assert torch.equal(EmaWeights(ema)(x), reference.module.eval()(x))
 
 
 def test_state_dict_round_trip_and_mismatch():

@@ -1,4 +1,4 @@
-"""The ZeRO-0 engine (LocalEngine): the same updates as a hand-written loop, checkpoints, frozen teachers, compile."""
+"""The ZeRO-0 engine (DDPEngine): the same updates as a hand-written loop, checkpoints, frozen teachers, compile."""
 
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import torch
 from harness.build import build_method
 from harness.distributed import Runtime
 from harness.engine import build_engine
-from harness.local_engine import LocalEngine
+from harness.ddp_engine import DDPEngine
 from harness.zero import deepspeed_config
 from harness.optim import build_optimizer, set_lr, set_teachers_trainable
 from harness.recipe import Recipe
@@ -31,7 +31,7 @@ def engine_for(recipe: Recipe, grad_accum: int = 1, adapting: bool = True):
     torch.manual_seed(0)
     distiller, _ = build_method(recipe, load_weights=False)
     optimizer = build_optimizer(distiller.param_groups(), recipe.optim, recipe.method.anchor_weight)
-    engine = LocalEngine(distiller, optimizer, CPU, grad_accum, None)
+    engine = DDPEngine(distiller, optimizer, CPU, grad_accum, None)
     if adapting:
         optimizer.start_adaptation()
     set_teachers_trainable(optimizer, adapting)
@@ -45,7 +45,7 @@ def batches(n: int):
     return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
 
 
-def test_local_engine_steps_exactly_as_a_plain_loop_with_accumulation():
+def test_ddp_engine_steps_exactly_as_a_plain_loop_with_accumulation():
     recipe = tiny("atsc")
     engine, distiller, optimizer = engine_for(recipe, grad_accum=2)
     _, plain, plain_opt = engine_for(recipe, grad_accum=2)  # same seed: same weights
@@ -69,7 +69,7 @@ def test_local_engine_steps_exactly_as_a_plain_loop_with_accumulation():
     assert engine.global_steps == 2
 
 
-def test_local_engine_checkpoint_round_trip(tmp_path):
+def test_ddp_engine_checkpoint_round_trip(tmp_path):
     recipe = tiny("atsc")
     engine, distiller, optimizer = engine_for(recipe)
     data = batches(3)
@@ -81,7 +81,7 @@ def test_local_engine_checkpoint_round_trip(tmp_path):
 
     step(engine, *data[0])
     engine.save_checkpoint(str(tmp_path), tag="t1", client_state={"harness": {"epoch": 7}}, save_latest=False)
-    assert (tmp_path / "t1" / LocalEngine.CHECKPOINT_FILE).is_file()  # DeepSpeed's ZeRO-0 layout: export reads it
+    assert (tmp_path / "t1" / DDPEngine.CHECKPOINT_FILE).is_file()  # DeepSpeed's ZeRO-0 layout: export reads it
     restored, restored_distiller, _ = engine_for(recipe)
     path, client = restored.load_checkpoint(str(tmp_path), tag="t1")
     assert path is not None and client == {"harness": {"epoch": 7}}
@@ -172,7 +172,7 @@ def test_zero_steps_the_weight_partitions_in_place(stage, accum):
     """No second fp32 copy of a rank's weight partition at ZeRO 1-3 (harness.zero._share_master_partitions).
 
     The optimizer's master partitions are the weights' own storage, a step moves the module's
-    weights exactly as the master moved, and it equals LocalEngine's step (ZeRO-0) on the same batch.
+    weights exactly as the master moved, and it equals DDPEngine's step (ZeRO-0) on the same batch.
     """
     import subprocess
     import sys

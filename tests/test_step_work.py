@@ -184,7 +184,7 @@ def _ddp_worker(rank: int, world: int, init: str, configs: list, out: str) -> No
     from harness.build import build_method
     from harness.distributed import Runtime
     from harness.bias_step import two_pass_bias_step
-    from harness.local_engine import LocalEngine
+    from harness.ddp_engine import DDPEngine
     from harness.recipe import load_recipe
 
     # PyTorch's DDP warnings come from C++ (once per process), to the process's stderr
@@ -201,7 +201,7 @@ def _ddp_worker(rank: int, world: int, init: str, configs: list, out: str) -> No
         opt = build_optimizer(decay_groups(d.param_groups(), d.parts(), r.optim), r.optim, r.method.anchor_weight)
         two_pass = r.method.name == "atsc" and r.method.bias_step == "two_pass"
         bias_opt = build_optimizer([{"params": d.bias_parameters(), "role": "teacher"}], r.optim, 0.0) if two_pass else None
-        engine = LocalEngine(d, opt, rt, grad_accum=1, grad_clip=None)
+        engine = DDPEngine(d, opt, rt, grad_accum=1, grad_clip=None)
         frozen_steps = 2 if r.method.name != "atsc" or r.method.adapt_after > 0 else 0
         size, facts = r.data.image_size, {"steps": []}
         with warnings.catch_warnings(record=True) as caught:
@@ -309,7 +309,7 @@ def _cpu_runtime():
 
 
 def test_the_ema_is_evaluated_without_swapping_weights_at_stages_0_to_2(monkeypatch):
-    from harness.ema import EmaView, StudentEma
+    from harness.ema import EmaWeights, StudentEma
     from harness.evaluation import evaluate
 
     torch.manual_seed(0)
@@ -327,7 +327,7 @@ def test_the_ema_is_evaluated_without_swapping_weights_at_stages_0_to_2(monkeypa
         reference = evaluate({"m": student}, batches, _cpu_runtime(), 32)["m"]
     live = [p.detach().clone() for p in student.parameters()]
     monkeypatch.setattr(StudentEma, "applied", lambda self: pytest.fail("the EMA was swapped into the student"))
-    got = evaluate({"student": student, "student_ema": EmaView(ema)}, batches, _cpu_runtime(), 32)
+    got = evaluate({"student": student, "student_ema": EmaWeights(ema)}, batches, _cpu_runtime(), 32)
     assert got["student_ema"] == reference
     assert all(torch.equal(a, b) for a, b in zip(live, student.parameters()))  # the student's own, untouched
     before = [p.detach().clone() for p in ema.copy.parameters()]

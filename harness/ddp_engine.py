@@ -17,7 +17,7 @@ def channels_last_input(module: nn.Module, args: tuple) -> tuple:
                  else a for a in args)
 
 
-class LocalEngine:
+class DDPEngine:
     """ZeRO-0 without DeepSpeed: the step a hand-written loop takes, with DeepSpeed's interface.
 
     The module is on the device (channels_last weights and input on GPUs), wrapped in
@@ -144,7 +144,8 @@ class LocalEngine:
         # steps skipped for a NaN/inf loss are the harness's own count (guard.py, run state)
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "global_steps": self.global_steps, "skipped_steps": 0, "dp_world_size": self.rt.world_size,
-                 "mp_world_size": 1, "engine": "harness.LocalEngine", **(client_state or {})}
+                 "mp_world_size": 1, "engine": "harness.LocalEngine",  # this class's name when the format was set: kept
+                 **(client_state or {})}
         torch.save(state, os.path.join(path, self.CHECKPOINT_FILE))
         if save_latest:  # DeepSpeed's pointer file, replaced whole (harness.checkpoint publishes its own)
             write_atomic(os.path.join(save_dir, "latest"), str(tag))
