@@ -31,8 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from harness.transforms import (PadCrop, Preprocess, image_bytes, label_in_range, normalize, resized_size, rgb_planes,
-                                sample_name, seed_augmentation)
+from harness.transforms import (PadCrop, Preprocess, normalize, read_sample, resized_size, rgb_planes,
+                                seed_augmentation)
 
 log = logging.getLogger("harness.data")
 
@@ -60,6 +60,18 @@ class Planned(NamedTuple):
     label: int
     where: str
     pixels: tuple[int, int]
+
+
+def _for_nvjpeg(data: bytes) -> tuple[bytes, Image.Image, tuple[int, int]]:
+    """What a worker sends for one image: its JPEG bytes as they are, or (anything nvJPEG should not
+    see) its RGB pixels; the image (header read) and the pixels' (height, width), (0, 0) for bytes."""
+    image = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    # (max: a negative start counts from the end, which would skip the marker of a 1023-byte JPEG)
+    if image.format != "JPEG" or image.mode != "RGB" or data.rfind(b"\xff\xd9", max(len(data) - 1024, 0)) < 0:
+        # decodes (no end marker: maybe truncated, which nvJPEG decodes without a word):
+        # a broken body fails here, as on the CPU path
+        return rgb_planes(image.convert("RGB")), image, (image.height, image.width)
+    return data, image, (0, 0)
 
 
 class DeferredDecode:
@@ -92,22 +104,10 @@ class DeferredDecode:
         the crop of the image resized to ``image_size`` (shorter side), offsets below 0 or past
         the edge falling into the zero padding.
         """
-        where = sample_name(sample)
-        pixels = (0, 0)
-        try:
-            data = image_bytes(sample)
-            image = Image.open(io.BytesIO(data))  # lazy: reads the header only
-            # (max: a negative start counts from the end, which would skip the marker of a 1023-byte JPEG)
-            if image.format != "JPEG" or image.mode != "RGB" or data.rfind(b"\xff\xd9", max(len(data) - 1024, 0)) < 0:
-                # decodes (no end marker: maybe truncated, which nvJPEG decodes without a word):
-                # a broken body fails here, as on the CPU path
-                data, pixels = rgb_planes(image.convert("RGB")), (image.height, image.width)
-            label = int(sample["cls"])
-        except (StopIteration, KeyError, ValueError, OSError) as e:
-            log.warning("skipping unreadable sample %s: %s", where, e)
+        found = read_sample(sample, num_classes, _for_nvjpeg)
+        if found is None:
             return None
-        if not label_in_range(label, num_classes, where):
-            return None
+        (data, image, pixels), label, where = found
         if not self.train:
             return Planned(data, (0, 0, image.height, image.width), False, label, where, pixels)
         # Same generator state, same calls in the same order as the CPU path's transform

@@ -21,7 +21,7 @@ import logging
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 from PIL import Image
@@ -29,6 +29,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 log = logging.getLogger("harness.data")
+R = TypeVar("R")
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -160,23 +161,38 @@ def seed_augmentation(sample: dict, seed: int) -> None:
     torch.random.default_generator.manual_seed(zlib.crc32(f"{seed}:{sample.get('__key__')}".encode()))
 
 
-def decode_sample(sample: dict, transform, num_classes: int, seed: int) -> Optional[tuple[torch.Tensor, int]]:
-    """Image tensor and label of one tar sample, or None (logged) when it cannot be used.
-
-    The augmentation's randomness is seeded from the sample itself, so a sample's crop depends
-    on (seed, epoch, key) alone: a resumed run crops exactly as an uninterrupted one.
-    """
+def read_sample(sample: dict, num_classes: int, read: Callable[[bytes], R]) -> Optional[tuple[R, int, str]]:
+    """``read`` of one tar sample's image bytes, its label and its name (shard:key); None (logged) when
+    either cannot be used: no image, an unreadable one (``read`` raises), no label or one out of range."""
     where = sample_name(sample)
     try:
-        image = Image.open(io.BytesIO(image_bytes(sample)))
-        image.load()
-        if image.mode != "RGB":  # convert() copies the image even when it has nothing to convert
-            image = image.convert("RGB")
+        image = read(image_bytes(sample))
         label = int(sample["cls"])
     except (StopIteration, KeyError, ValueError, OSError) as e:
         log.warning("skipping unreadable sample %s: %s", where, e)
         return None
     if not label_in_range(label, num_classes, where):
         return None
+    return image, label, where
+
+
+def _rgb_image(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    if image.mode != "RGB":  # convert() copies the image even when it has nothing to convert
+        image = image.convert("RGB")
+    return image
+
+
+def decode_sample(sample: dict, transform, num_classes: int, seed: int) -> Optional[tuple[torch.Tensor, int]]:
+    """Image tensor and label of one tar sample, or None (logged) when it cannot be used.
+
+    The augmentation's randomness is seeded from the sample itself, so a sample's crop depends
+    on (seed, epoch, key) alone: a resumed run crops exactly as an uninterrupted one.
+    """
+    found = read_sample(sample, num_classes, _rgb_image)
+    if found is None:
+        return None
+    image, label, _ = found
     seed_augmentation(sample, seed)
     return transform(image), label

@@ -82,103 +82,44 @@ THIN = (16, 16, 32, 64)  # resnet8 ... resnet110
 WIDE = (32, 64, 128, 256)  # resnet8x4, resnet32x4: 4x stages, 2x stem
 
 
-@register_model
-def cifar_resnet8(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """ResNet-8 (1 block per stage), widths 16-32-64."""
-    return _create("cifar_resnet8", _resnet(8, THIN), pretrained, **kwargs)
+_BLOCKS = {8: 1, 14: 2, 20: 3, 32: 5, 44: 7, 56: 9, 110: 18}  # per stage
+
+# name -> (the model's constructor, its entry point's docstring)
+_MODELS: dict[str, tuple[Callable[..., CifarNet], str]] = {
+    **{f"cifar_resnet{depth}": (_resnet(depth, THIN),
+                                f"ResNet-{depth} ({n} block{'s' if n > 1 else ''} per stage), widths 16-32-64.")
+       for depth, n in _BLOCKS.items()},
+    "cifar_resnet8x4": (_resnet(8, WIDE),
+                        "ResNet-8x4: stem 32, stages 64-128-256, 1 block each (the usual CIFAR-100 student)."),
+    "cifar_resnet32x4": (_resnet(32, WIDE),
+                         "ResNet-32x4: stem 32, stages 64-128-256, 5 blocks each (the usual CIFAR-100 teacher)."),
+    "cifar_wrn_16_2": (lambda **kw: CifarWideResNet(16, 2, **kw),
+                       "WRN-16-2: 2 pre-activation blocks per stage, widths 32-64-128."),
+    "cifar_wrn_40_1": (lambda **kw: CifarWideResNet(40, 1, **kw),
+                       "WRN-40-1: 6 pre-activation blocks per stage, widths 16-32-64."),
+    "cifar_wrn_40_2": (lambda **kw: CifarWideResNet(40, 2, **kw),
+                       "WRN-40-2: 6 pre-activation blocks per stage, widths 32-64-128."),
+    "cifar_vgg8": (lambda **kw: CifarVGG(VGG8, **kw), "VGG-8 with BN (RepDistiller's ``vgg8_bn``): one conv per block."),
+    "cifar_vgg13": (lambda **kw: CifarVGG(VGG13, **kw),
+                    "VGG-13 with BN (RepDistiller's ``vgg13_bn``): two convs per block."),
+    "cifar_mobilenetv2": (lambda **kw: CifarMobileNetV2(0.5, **kw),
+                          "MobileNetV2 at width 0.5, expansion 6 (RepDistiller's ``mobile_half``)."),
+    "cifar_shufflev1": (CifarShuffleNetV1, "ShuffleNet V1, 3 groups, widths 240-480-960 (RepDistiller's ``ShuffleV1``)."),
+    "cifar_shufflev2": (CifarShuffleNetV2,
+                        "ShuffleNet V2 1x, widths 116-232-464, 1x1 conv to 1024 (RepDistiller's ``ShuffleV2``)."),
+}
 
 
-@register_model
-def cifar_resnet14(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """ResNet-14 (2 blocks per stage), widths 16-32-64."""
-    return _create("cifar_resnet14", _resnet(14, THIN), pretrained, **kwargs)
+def _register(name: str, builder: Callable[..., CifarNet], doc: str) -> None:
+    """timm's entry point ``name`` (``timm.create_model(name)``), also this module's attribute ``name``."""
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> CifarNet:
+        return _create(name, builder, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name  # timm registers the function by its name
+    entrypoint.__doc__ = doc
+    globals()[name] = register_model(entrypoint)
 
 
-@register_model
-def cifar_resnet20(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """ResNet-20 (3 blocks per stage), widths 16-32-64."""
-    return _create("cifar_resnet20", _resnet(20, THIN), pretrained, **kwargs)
-
-
-@register_model
-def cifar_resnet32(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """ResNet-32 (5 blocks per stage), widths 16-32-64."""
-    return _create("cifar_resnet32", _resnet(32, THIN), pretrained, **kwargs)
-
-
-@register_model
-def cifar_resnet44(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """ResNet-44 (7 blocks per stage), widths 16-32-64."""
-    return _create("cifar_resnet44", _resnet(44, THIN), pretrained, **kwargs)
-
-
-@register_model
-def cifar_resnet56(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """ResNet-56 (9 blocks per stage), widths 16-32-64."""
-    return _create("cifar_resnet56", _resnet(56, THIN), pretrained, **kwargs)
-
-
-@register_model
-def cifar_resnet110(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """ResNet-110 (18 blocks per stage), widths 16-32-64."""
-    return _create("cifar_resnet110", _resnet(110, THIN), pretrained, **kwargs)
-
-
-@register_model
-def cifar_resnet8x4(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """ResNet-8x4: stem 32, stages 64-128-256, 1 block each (the usual CIFAR-100 student)."""
-    return _create("cifar_resnet8x4", _resnet(8, WIDE), pretrained, **kwargs)
-
-
-@register_model
-def cifar_resnet32x4(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """ResNet-32x4: stem 32, stages 64-128-256, 5 blocks each (the usual CIFAR-100 teacher)."""
-    return _create("cifar_resnet32x4", _resnet(32, WIDE), pretrained, **kwargs)
-
-
-@register_model
-def cifar_wrn_16_2(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """WRN-16-2: 2 pre-activation blocks per stage, widths 32-64-128."""
-    return _create("cifar_wrn_16_2", lambda **kw: CifarWideResNet(16, 2, **kw), pretrained, **kwargs)
-
-
-@register_model
-def cifar_wrn_40_1(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """WRN-40-1: 6 pre-activation blocks per stage, widths 16-32-64."""
-    return _create("cifar_wrn_40_1", lambda **kw: CifarWideResNet(40, 1, **kw), pretrained, **kwargs)
-
-
-@register_model
-def cifar_wrn_40_2(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """WRN-40-2: 6 pre-activation blocks per stage, widths 32-64-128."""
-    return _create("cifar_wrn_40_2", lambda **kw: CifarWideResNet(40, 2, **kw), pretrained, **kwargs)
-
-
-@register_model
-def cifar_vgg8(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """VGG-8 with BN (RepDistiller's ``vgg8_bn``): one conv per block."""
-    return _create("cifar_vgg8", lambda **kw: CifarVGG(VGG8, **kw), pretrained, **kwargs)
-
-
-@register_model
-def cifar_vgg13(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """VGG-13 with BN (RepDistiller's ``vgg13_bn``): two convs per block."""
-    return _create("cifar_vgg13", lambda **kw: CifarVGG(VGG13, **kw), pretrained, **kwargs)
-
-
-@register_model
-def cifar_mobilenetv2(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """MobileNetV2 at width 0.5, expansion 6 (RepDistiller's ``mobile_half``)."""
-    return _create("cifar_mobilenetv2", lambda **kw: CifarMobileNetV2(0.5, **kw), pretrained, **kwargs)
-
-
-@register_model
-def cifar_shufflev1(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """ShuffleNet V1, 3 groups, widths 240-480-960 (RepDistiller's ``ShuffleV1``)."""
-    return _create("cifar_shufflev1", CifarShuffleNetV1, pretrained, **kwargs)
-
-
-@register_model
-def cifar_shufflev2(pretrained: bool = False, **kwargs: Any) -> CifarNet:
-    """ShuffleNet V2 1x, widths 116-232-464, 1x1 conv to 1024 (RepDistiller's ``ShuffleV2``)."""
-    return _create("cifar_shufflev2", CifarShuffleNetV2, pretrained, **kwargs)
+for _name, (_builder, _doc) in _MODELS.items():
+    _register(_name, _builder, _doc)
+del _name, _builder, _doc
