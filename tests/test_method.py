@@ -148,17 +148,23 @@ def test_adapting_teacher_is_not_detached_and_frozen_teacher_gets_no_gradient():
     assert teachers[0].fc.bias.grad.abs().sum() > 0
 
 
-def test_anchor_touches_exactly_the_multidimensional_teacher_weights():
-    student, teachers = models()
-    d = build_distiller(recipe(), student, teachers, STUDENT_PRE)
+def anchored_at_w0(d, anchor_weight: float = 3.0):
+    """``d``'s optimizer (lr 1, no momentum or decay) after its first adapted step, which takes W0 and moves nothing."""
     opt_cfg = recipe().optim.model_copy(update={"momentum": 0.0, "weight_decay": 0.0})
-    opt = build_optimizer(d.param_groups(), opt_cfg, anchor_weight=3.0)
+    opt = build_optimizer(d.param_groups(), opt_cfg, anchor_weight=anchor_weight)
     set_teachers_trainable(opt, True)
     set_lr(opt.param_groups, 1.0)
     opt.start_adaptation()
     for p in d.parameters():
         p.grad = torch.zeros_like(p)
-    opt.step()  # the first adapted step takes W0 (zero gradients: nothing moves)
+    opt.step()
+    return opt
+
+
+def test_anchor_touches_exactly_the_multidimensional_teacher_weights():
+    student, teachers = models()
+    d = build_distiller(recipe(), student, teachers, STUDENT_PRE)
+    opt = anchored_at_w0(d, 3.0)
     before = {n: p.detach().clone() for n, p in d.named_parameters()}
     with torch.no_grad():
         for p in d.parameters():

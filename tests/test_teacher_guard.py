@@ -13,7 +13,7 @@ from harness.method import teacher_fit
 from harness.optim import build_optimizer, set_lr, set_teachers_trainable
 from harness.recipe import TeacherGuard as GuardConfig
 from harness.teacher_guard import TeacherGuard, TeacherWatch, watch_state_for
-from test_method import STUDENT_PRE, batch, models, recipe
+from test_method import STUDENT_PRE, anchored_at_w0, batch, models, recipe
 
 BATCHNORM = nn.modules.batchnorm._BatchNorm
 
@@ -226,14 +226,7 @@ def test_anchor_scope_all_holds_every_teacher_parameter_near_w0():
     groups = [g for g in d.param_groups() if g["role"] == "teacher"]
     anchored = [p for g in groups if g["anchor"] for p in g["params"]]
     assert {id(p) for p in anchored} == {id(p) for p in teachers[0].parameters()}
-    opt_cfg = recipe().optim.model_copy(update={"momentum": 0.0, "weight_decay": 0.0})
-    opt = build_optimizer(d.param_groups(), opt_cfg, anchor_weight=3.0)
-    set_teachers_trainable(opt, True)
-    set_lr(opt.param_groups, 1.0)
-    opt.start_adaptation()
-    for p in d.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()  # W0 taken
+    opt = anchored_at_w0(d, 3.0)
     with torch.no_grad():
         for p in d.parameters():
             p.add_(0.1)
