@@ -326,11 +326,14 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         if not (run_dir / name).is_file():
             raise CompareError(f"{run_dir / name} is missing: the run did not finish; rerun the same command")
     summary = json.loads((run_dir / "summary.json").read_text())
-    curve, trips = {}, {}
+    curve, trips, teacher_curves = {}, {}, {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line) if line.strip() else {}
         if record.get("kind") == "eval" and "student" in record:
             curve[int(record["epoch"])] = record["student"]["top1"]  # a resumed epoch's later record wins
+            for name in summary.get("teachers", {}):
+                if name in record:
+                    teacher_curves.setdefault(name, {})[int(record["epoch"])] = record[name]["top1"]
         elif record.get("kind") == "teacher_guard":
             trips[record["teacher"]] = {k: record[k] for k in ("step", "action", "top1_start", "top1_smoothed")}
     process = run_dir / "compare-process.json"
@@ -339,6 +342,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "teachers": summary.get("teachers", {}), "wall_time_s": summary["wall_time_s"],
         "process_s": json.loads(process.read_text())["seconds"] if process.is_file() else None,
         "images_per_s": summary.get("images_per_s"), "curve": sorted(curve.items()), "guard_trips": trips,
+        "teacher_lowest": {name: min(c.values()) for name, c in teacher_curves.items()},
         "params": deployed_parameters(run_dir / "student.safetensors"),
         "recipe": yaml.safe_load((run_dir / "recipe.yaml").read_text()),
     }
@@ -366,8 +370,10 @@ def aggregate(cell: Cell, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     if next(iter(runs.values()))["recipe"]["method"]["name"] == "atsc":
         for name in next(iter(runs.values()))["teachers"]:
             m, sd = mean_std([r["teachers"][name]["top1"] for r in runs.values()])
+            lowest = statistics.fmean(r["teacher_lowest"].get(name, r["teachers"][name]["top1"]) for r in runs.values())
             steps = [r["guard_trips"][name]["step"] for r in runs.values() if name in r["guard_trips"]]
-            adapted[name] = {"top1_mean": m, "top1_std": sd, "tripped": len(steps), "trip_steps": steps}
+            adapted[name] = {"top1_mean": m, "top1_std": sd, "lowest_mean": lowest, "tripped": len(steps),
+                             "trip_steps": steps}
     return {
         "run": cell.stem, "pair": cell.pair, "label": cell.label, "published": cell.published, "source": cell.source,
         "seeds": sorted(runs),
@@ -407,7 +413,7 @@ def adapted_cell(row: dict[str, Any], seeds: int) -> str:
     for name, t in row.get("adapted_teachers", {}).items():
         trips = f"; guard tripped {t['tripped']}/{seeds}" + (
             f" at step {min(t['trip_steps'])}-{max(t['trip_steps'])}" if t["trip_steps"] else "")
-        parts.append(f"{100 * t['top1_mean']:.2f} ± {100 * t['top1_std']:.2f}{trips}")
+        parts.append(f"{100 * t['top1_mean']:.2f} ± {100 * t['top1_std']:.2f} (lowest {100 * t['lowest_mean']:.2f}){trips}")
     return "; ".join(parts)
 
 
@@ -427,7 +433,7 @@ def table_markdown(rows: Sequence[dict[str, Any]], teachers: dict[str, dict[str,
     head = (f"| pair | method | top-1 %, mean ± std ({n} seeds) | per seed | best epoch, mean ± std |"
             + (" published |" if has_published else "")
             + (f" vs {base_label}: final | vs {base_label}: best epoch |" if base else "")
-            + (" adapted teacher's top-1 % (final) |" if has_adapted else "")
+            + (" adapted teacher's top-1 %: final (lowest epoch) |" if has_adapted else "")
             + " deployed parameters | wall time, mean ± std |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for stem, t in teachers.items():
@@ -477,7 +483,8 @@ def write_markdown(path: Path, table: Table, rows, teachers, runs, jobs: int) ->
                      "the two rows' pooled standard deviation sqrt((s1^2 + s2^2) / 2), a plain bar, not a significance test.")
     if any(r.get("adapted_teachers") for r in rows):
         notes.append("Adapted teacher's top-1: the teacher's own validation top-1 at the end of the run (mean ± std "
-                     "over seeds; as loaded it is the teacher row's); \"guard tripped\": the seeds in which "
+                     "over seeds; as loaded it is the teacher row's) and, in brackets, its lowest epoch (mean over seeds); "
+                     "\"guard tripped\": the seeds in which "
                      "`method.teacher_guard` saw its smoothed training top-1 fall more than `max_drop` points, and where.")
     body = [f"# {table.title}", "", table_markdown(rows, teachers, table.baseline), "", *[f"- {n}" for n in notes if n], "",
             *(["Published numbers:", "", *sources, ""] if sources else []),

@@ -172,10 +172,10 @@ def test_rows_say_whether_they_beat_the_baseline_and_what_became_of_an_adapted_t
     fabricate_run(tmp_path / "teacher-r18", "supervised", "resnet18", [0.98], 50.0, exported["supervised"])
     result = compare.report(table, tmp_path, [0, 1, 2])
     md = (tmp_path / "results.md").read_text().splitlines()
-    assert "| vs supervised: final | vs supervised: best epoch | adapted teacher's top-1 % (final) |" in md[2]
+    assert "| vs supervised: final | vs supervised: best epoch | adapted teacher's top-1 %: final (lowest epoch) |" in md[2]
     (atsc,) = [line for line in md if "| ATSC |" in line]
     # +8.00 points against a pooled std of sqrt((2^2 + 1^2) / 2) = 1.58: beats it
-    assert "| +8.00 (yes, pooled std 1.58) | +8.00 (yes, pooled std 1.58) | 60.00 ± 10.00; guard tripped 2/3 at step 10-12 |" in atsc
+    assert "| +8.00 (yes, pooled std 1.58) | +8.00 (yes, pooled std 1.58) | 60.00 ± 10.00 (lowest 60.00); guard tripped 2/3 at step 10-12 |" in atsc
     (supervised,) = [line for line in md if "| supervised (student alone) |" in line]
     assert "88.00 ± 2.00 | 90.00 / 86.00 / 88.00 | 88.00 ± 2.00 | | | |" in supervised
     row = {r["run"]: r for r in result["rows"]}["atsc"]
@@ -228,9 +228,9 @@ def test_an_ablation_row_reuses_a_recipe_with_its_own_overrides_and_shares_the_o
     ablation = compare.load_table(ROOT_DIR / "recipes" / "compare" / "ablation.yaml")
     main_jobs = {j.name: j for j in compare.plan(main, tmp_path, [], [0])[1]}
     ablation_jobs = {j.name: j for j in compare.plan(ablation, tmp_path, [], [0])[1]}
-    assert ablation_jobs["atsc-s0"].key == main_jobs["atsc-s0"].key  # the same run: reused, not retrained
+    assert ablation_jobs["atsc-published-s0"].key == main_jobs["atsc-published-s0"].key  # the same run: reused
     assert "method.anchor_weight=0" in ablation_jobs["atsc-w0-s0"].sets
-    assert ablation_jobs["atsc-w0-s0"].recipe == main_jobs["atsc-s0"].recipe
+    assert ablation_jobs["atsc-w0-s0"].recipe == main_jobs["atsc-published-s0"].recipe
 
 
 def test_a_stopped_run_continues_and_a_stale_one_starts_again(tmp_path, monkeypatch):
