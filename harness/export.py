@@ -156,6 +156,49 @@ def export_checkpoint(run_dir: Path, checkpoint: Path | None, out: Path) -> Path
     return out
 
 
+PARAMETER_KINDS = ("weights", "norm scales", "norm shifts", "biases")
+
+
+def parameter_kind(module: nn.Module, name: str, param: torch.Tensor) -> str:
+    """What a teacher parameter is, as the anchor sees it: a multi-dimensional weight, a norm's scale or shift, a bias."""
+    owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+    if isinstance(owner, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+        return "norm scales" if name.endswith("weight") else "norm shifts"
+    return "weights" if param.dim() > 1 else "biases"
+
+
+@torch.no_grad()
+def teacher_drift(run_dir: Path, checkpoint: Path | None = None) -> dict[str, dict[str, float]]:
+    """How far each teacher of a run moved from the weights it was loaded with, by kind of parameter.
+
+    Relative L2 distance ||W - W_loaded|| / ||W_loaded|| over all parameters of a kind: the
+    anchored weights (``anchor_scope: weights`` holds these), the norm layers' scales and shifts
+    and the remaining biases. Where a teacher adapts from the start (``adapt_after: 0``) the
+    loaded weights are its W0.
+    """
+    from harness import checkpoint as ckpt
+    from harness.build import build_method
+    from harness.recipe import load_recipe
+
+    recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
+    checkpoint = checkpoint or ckpt.latest(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint (no {ckpt.checkpoint_dir(run_dir) / 'latest'})")
+    distiller, _ = build_method(recipe)  # the teachers as loaded
+    adapted = consolidated_state(checkpoint)
+    drift = {}
+    for k, (teacher_recipe, teacher) in enumerate(zip(recipe.teachers, distiller.teachers)):
+        moved = {kind: 0.0 for kind in PARAMETER_KINDS}
+        size = {kind: 0.0 for kind in PARAMETER_KINDS}
+        for name, loaded in teacher.named_parameters():
+            kind = parameter_kind(teacher, name, loaded)
+            moved[kind] += (adapted[f"teachers.{k}.{name}"].float() - loaded.float()).pow(2).sum().item()
+            size[kind] += loaded.float().pow(2).sum().item()
+        drift[f"{k}:{teacher_recipe.model}"] = {kind: (moved[kind] / size[kind]) ** 0.5 if size[kind] else 0.0
+                                                 for kind in PARAMETER_KINDS}
+    return drift
+
+
 @torch.no_grad()
 def evaluate_file(path: Path, val: str, batch_size: int = 128, workers: int = 2) -> dict[str, float]:
     """Top-1/top-5 of an exported student over validation shards, single process.
@@ -194,6 +237,9 @@ def main() -> None:
     ev.add_argument("val", help="validation shards: a split's folder (e.g. data/imagenet/val), a shard or a brace pattern")
     ev.add_argument("--batch-size", type=int, default=128)
     ev.add_argument("--workers", type=int, default=2)
+    dr = sub.add_parser("drift", help="how far each teacher moved from its loaded weights, by kind of parameter")
+    dr.add_argument("run_dir", type=Path, help="the run's output directory (holds recipe.yaml, checkpoints/)")
+    dr.add_argument("--tag", help="checkpoint tag (default: latest)")
     args = parser.parse_args()
     try:
         if args.command == "checkpoint":
@@ -203,6 +249,12 @@ def main() -> None:
             tag = args.tag or (ckpt.latest(args.run_dir).name if ckpt.latest(args.run_dir) else "none")
             out = export_checkpoint(args.run_dir, path, args.out or args.run_dir / f"student-{tag}.safetensors")
             print(f"exported {out}")
+        elif args.command == "drift":
+            from harness import checkpoint as ckpt
+
+            path = ckpt.checkpoint_dir(args.run_dir) / args.tag if args.tag else None
+            for teacher, by_kind in teacher_drift(args.run_dir, path).items():
+                print(f"{teacher}: " + ", ".join(f"{kind} {100 * v:.2f}%" for kind, v in by_kind.items()))
         else:
             print(json.dumps(evaluate_file(args.student, args.val, args.batch_size, args.workers)))
     except (FileNotFoundError, ValueError) as e:

@@ -137,3 +137,18 @@ def test_one_recipe_and_seed_give_the_same_run_bit_for_bit(work, digits, teacher
     for kind in ("train", "eval", "teacher_guard"):
         assert deterministic(runs[0], kind) == deterministic(runs[1], kind), kind
     assert summary(runs[0])["student"] == summary(runs[1])["student"]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_drift_says_how_far_each_kind_of_teacher_parameter_moved(frozen_runs, teacher, stage):
+    from harness.export import consolidated_state, teacher_drift
+    from harness import checkpoint
+
+    drift = teacher_drift(frozen_runs[stage])[NAME]
+    assert set(drift) == {"weights", "norm scales", "norm shifts", "biases"} and drift["weights"] > 0
+    loaded = load_file(str(teacher))  # the teacher's file: the weights it adapted from (adapt_after 0)
+    adapted = consolidated_state(checkpoint.latest(frozen_runs[stage]))
+    weights = [k for k, v in loaded.items() if v.dim() > 1]
+    by_hand = (sum((adapted[f"teachers.0.{k}"] - loaded[k]).pow(2).sum() for k in weights)
+               / sum(loaded[k].pow(2).sum() for k in weights)) ** 0.5
+    assert drift["weights"] == pytest.approx(by_hand.item(), rel=1e-5)
