@@ -82,7 +82,8 @@ def stand_in_overrides(name: str, tmp: Path, digits: Path) -> list[str]:
     sets = [f"output={tmp / name}", f"data.train={digits / 'train'}",
             f"data.val={digits / 'val'}", "data.num_classes=10", "data.image_size=16",
             "data.batch_size=16", "data.train_samples=64", "data.workers=1", "data.shuffle_buffer=100",
-            f"student.model={student}", "schedule.epochs=1", "runtime.log_every=2", "runtime.threads=1"]
+            f"student.model={student}", "schedule.epochs=1", "runtime.log_every=2", "runtime.threads=1",
+            "method.adapt_after=0"]  # one epoch: the teachers adapt in it (the recipes keep them frozen for half a run)
     for k, teacher in enumerate(teachers):
         sets += [f"teachers.{k}.model={teacher}", f"teachers.{k}.checkpoint={random_teacher(tmp, teacher)}"]
     return sets + extra
