@@ -121,7 +121,7 @@ def deterministic(run: Path, kind: str) -> list[dict]:
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_one_recipe_and_seed_give_the_same_run_bit_for_bit(work, digits, teacher, frozen_runs, processes):
-    """What keeps a README table reproducible: the same recipe and seed, run again, is the same run.
+    """What keeps a documented table reproducible: the same recipe and seed, run again, is the same run.
 
     The guard's recipe (ATSC, a teacher that collapses and is frozen) at ZeRO-0: every weight,
     every logged value and the trip are equal, at 1 process and at 2.
