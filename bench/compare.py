@@ -447,7 +447,7 @@ def table_markdown(rows: Sequence[dict[str, Any]], teachers: dict[str, dict[str,
         lines.append(f"| {r['pair']} | {r['label']} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} | "
                      f"{seeds} | {100 * r['best_mean']:.2f} ± {100 * r['best_std']:.2f} |"
                      + (published_cell(r["published"], r["source"]) if has_published else "") + against
-                     + (f" {adapted_cell(r, len(r['seeds']))} |".replace("  |", " |") if has_adapted else "")
+                     + ((" " + adapted_cell(r, len(r['seeds']))).rstrip() + " |" if has_adapted else "")
                      + f" {r['params']:,} | {fmt_seconds(r['wall_mean_s'])} ± {fmt_seconds(r['wall_std_s'])} |")
     return "\n".join(lines)
 

@@ -249,7 +249,7 @@ class Part:
 
 
 def run_part(part: Part, timeout: float, env: dict[str, str], log_dir: Path, on_record: Callable[[], None]) -> None:
-    """Run ``part`` in a session of its own, collecting its JSON stdout lines; kill it all at ``timeout``."""
+    """Run ``part`` as its own process group (setsid), collecting its JSON stdout lines; kill it all at ``timeout``."""
     part.timeout_s = timeout
     log_path = log_dir / f"{part.name}.stderr"
     start = time.monotonic()
@@ -298,7 +298,7 @@ def _collect(part: Part, lines: list[str], seen: int) -> int:
 
 
 def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the part's own session: its launcher, ranks and loader workers."""
+    """SIGTERM, then SIGKILL, to the part's process group: its launcher, ranks and loader workers."""
     for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)

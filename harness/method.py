@@ -113,9 +113,9 @@ def teacher_logits_of(features: torch.Tensor, classifier: nn.Linear) -> torch.Te
 def teacher_fit(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A teacher's own CE and top-1 on a training batch (probability labels: their argmax), for watching it.
 
-    Unsmoothed, as the bias step's CE is: in fused mode the CE is that term's value.
+    ``logits``: detached fp32 (:func:`teacher_logits_of`). Unsmoothed, as the bias step's CE is: in
+    fused mode the CE is that term's value.
     """
-    logits = logits.detach().float()
     target = labels if labels.dim() == 1 else labels.argmax(-1)
     return F.cross_entropy(logits, labels), (logits.argmax(-1) == target).float().mean()
 
