@@ -322,13 +322,14 @@ def deployed_parameters(student_file: Path) -> dict[str, int]:
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     """A finished run's final numbers, its student's per-epoch validation top-1 and its recipe."""
+    from harness.records import METRICS_FILE, read_records
+
     for name in ("summary.json", "metrics.jsonl", "student.safetensors", "recipe.yaml"):
         if not (run_dir / name).is_file():
             raise CompareError(f"{run_dir / name} is missing: the run did not finish; rerun the same command")
     summary = json.loads((run_dir / "summary.json").read_text())
     curve, trips, teacher_curves = {}, {}, {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in read_records(run_dir / METRICS_FILE):
         if record.get("kind") == "eval" and "student" in record:
             curve[int(record["epoch"])] = record["student"]["top1"]  # a resumed epoch's later record wins
             for name in summary.get("teachers", {}):

@@ -6,7 +6,7 @@ from torch import nn
 
 from harness import models
 from harness.data import Preprocess
-from harness.method import KD, Distiller, InputView, SimKD, Supervised
+from harness.method import KD, Distiller, InputView, SharedClassifier, Supervised
 from harness.recipe import Recipe
 
 
@@ -86,8 +86,8 @@ def build_distiller(recipe: Recipe, student: nn.Module, teachers: list[nn.Module
         teacher_dims.append(t_dim)
         student_dims.append(s_dim)
         teacher_sizes.append(t_size)
-    return SimKD(student, teachers, taps, student_dims, teacher_dims, teacher_sizes,
-                 [t.weight for t in recipe.teachers], factor=m.projector_factor, feature_weight=m.feature_weight,
-                 ce_weight=m.ce_weight, kd_weight=m.kd_weight, temperature=m.temperature,
-                 fused_bias=m.bias_step == "fused", adapt=m.name == "atsc", label_smoothing=m.label_smoothing,
-                 views=views, teacher_bn=m.teacher_bn, anchor_scope=m.anchor_scope)
+    return SharedClassifier(
+        student, teachers, taps, student_dims, teacher_dims, teacher_sizes, [t.weight for t in recipe.teachers],
+        factor=m.projector_factor, feature_weight=m.feature_weight, ce_weight=m.ce_weight, kd_weight=m.kd_weight,
+        temperature=m.temperature, fused_bias=m.bias_step == "fused", adapt=m.name == "atsc",
+        label_smoothing=m.label_smoothing, views=views, teacher_bn=m.teacher_bn, anchor_scope=m.anchor_scope)

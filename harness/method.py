@@ -318,8 +318,9 @@ class SharedClassifierStudent(nn.Module):
         return self.logits_from_projected([self.project(raw, k) for k in range(len(self.projectors))])
 
 
-class SimKD(Distiller):
-    """SimKD (teachers frozen) and ATSC (teachers adapted); ATSC is SimKD with ``adapting=True``.
+class SharedClassifier(Distiller):
+    """The student predicts through the teachers' classifiers: SimKD (teachers frozen) and ATSC
+    (teachers adapted, ``adapting=True``), one module for both.
 
     Args:
         student / teachers: timm models; every teacher's final classifier is reused by the student.

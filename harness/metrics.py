@@ -1,7 +1,6 @@
 """What a run reports: ``metrics.jsonl`` records, a live progress line, and the final table."""
 from __future__ import annotations
 
-import json
 import math
 import resource
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 import torch
+
+from harness.records import append_record
 
 if TYPE_CHECKING:
     from harness.tracking import Tracking
@@ -71,7 +72,8 @@ class StepSums:
 
 
 class MetricsLog:
-    """Appends one JSON record per line, and sends it to ``tracking``; only the main process writes.
+    """Appends each record to ``metrics.jsonl`` (harness/records.py) and sends it to ``tracking``;
+    only the main process writes.
 
     The tracking opens at the first record: a ``resume`` record (the first a resumed run writes)
     restarts it after the checkpoint's step, anything else from step 0 (see harness/tracking.py).
@@ -84,9 +86,7 @@ class MetricsLog:
     def write(self, kind: str, **fields: Any) -> None:
         if not self.enabled:
             return
-        record = {"kind": kind, "time": round(time.time(), 3), **fields}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(self.path, kind, **fields)
         if self.tracking is not None:
             if not self._opened:
                 self.tracking.open(fields["step"] + 1 if kind == "resume" else 0)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from harness.records import METRICS_FILE, read_records
+
 # fields of a train record that are not loss terms
 NOT_TERMS = {"kind", "time", "epoch", "step", "lr", "images_per_s", "data_wait", "data_skipped", "steps_skipped",
              "memory_gb", "anchor", "anchor_dist", "teacher_train"}
@@ -53,16 +55,13 @@ class Run:
 
 def load_run(path: Path) -> Run:
     """A run's ``metrics.jsonl`` and ``summary.json``; refused if it has no metrics."""
-    metrics = path / "metrics.jsonl"
+    metrics = path / METRICS_FILE
     if not metrics.is_file():
         raise PlotError(f"{path}: no metrics.jsonl there; give a run's output directory (the recipe's `output`)")
     train: dict[int, dict] = {}
     evals: dict[tuple[int, bool], dict] = {}
     trips: dict[str, dict] = {}
-    for line in metrics.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in read_records(metrics):
         if record["kind"] == "train":
             train[record["step"]] = record
         elif record["kind"] == "eval":

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness.files import write_atomic
+from harness.records import METRICS_FILE, append_record, read_records
 
 FAILURE_GLOB = "failure-rank*.json"
 DEFAULT_MAX_RESTARTS = 3
@@ -61,21 +62,11 @@ def exception_cause(error: BaseException) -> str:
 
 
 def _records(output: Path) -> list[dict[str, Any]]:
-    path = output / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a killed writer
-            continue
-    return records
+    return read_records(output / METRICS_FILE)
 
 
 def _append(output: Path, kind: str, **fields: Any) -> None:
-    with (output / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **fields}) + "\n")
+    append_record(output / METRICS_FILE, kind, **fields)
 
 
 def take_failures(output: Path) -> list[dict[str, Any]]:

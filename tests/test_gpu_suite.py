@@ -28,7 +28,7 @@ from gpu_suite import (BARE_MACHINE, CARRIED, CPU, FOR_VERSION, GPU, SOURCE_ONLY
 # fixed its entry must go (the test says so), so that the suite guards it from then on.
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     # none now. ZeRO-2 with runtime.compile and the teacher adapted failed ("Invalid to reduce Param
-    # ... with None gradient") until W_c got an exact zero gradient (harness/method.py, SimKD.forward)
+    # ... with None gradient") until W_c got an exact zero gradient (harness/method.py, SharedClassifier.forward)
 }
 
 

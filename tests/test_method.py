@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from harness.build import build_distiller
 from harness.data import Preprocess
-from harness.method import (ConvProjector, MLPProjector, SimKD, align_maps, bias_only_loss, feature_loss, kl_loss)
+from harness.method import (ConvProjector, MLPProjector, SharedClassifier, align_maps, bias_only_loss, feature_loss, kl_loss)
 from harness.models import feature_kind
 from harness.optim import build_optimizer, set_lr, set_teachers_trainable
 from harness.recipe import Recipe
