@@ -31,6 +31,10 @@ SlurmUser=root
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 JobRequeue=1
+# A requeued job may start again cred_expire seconds after it stopped (120 by default), once a scheduling
+# pass sees it (every 60 s, backfill's every 30): the tests requeue jobs three times and wait for each
+AuthInfo=cred_expire=15
+SchedulerParameters=sched_interval=5,bf_interval=5
 KillWait=30
 MpiDefault=none
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
@@ -44,13 +48,16 @@ chown -R munge:munge /etc/munge /run/munge 2>/dev/null || true
 chmod 400 /etc/munge/munge.key
 pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
 if [ "$OLD_CONF" != "$(cat /etc/slurm/slurm.conf)" ] && pgrep -x slurmctld >/dev/null; then
-  # TaskPlugin and node definitions are read by slurmd only when it starts
+  # TaskPlugin and node definitions are read by slurmd only when it starts, some settings (AuthInfo) by
+  # slurmctld: both restart (running jobs keep going). A daemon slow to shut down (slurmd finishes its RPCs)
+  # is waited for, then killed, so that the new one always starts.
   scontrol reconfigure || true
-  if [ -f /run/slurmd.pid ]; then
-    pid=$(cat /run/slurmd.pid)
-    # slurmd may take a while to shut down (it finishes its RPCs); start the new one after it
-    kill "$pid" 2>/dev/null && for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-  fi
+  for daemon in slurmctld slurmd; do
+    [ -f "/run/$daemon.pid" ] || continue
+    pid=$(cat "/run/$daemon.pid")
+    kill "$pid" 2>/dev/null && for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
 fi
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd

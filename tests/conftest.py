@@ -205,7 +205,8 @@ def pytest_collection_modifyitems(config, items):
 
     `make test-quick` deselects them (`-m "not launches"`): the unit tier, for iteration; `make
     test` (what CI runs) keeps all. Read from the source, so a new test is classed with no marker
-    to remember.
+    to remember; a test that starts processes inside another module (a benchmark's own spawn)
+    carries ``@pytest.mark.launches`` itself.
     """
     for item in items:
         seen: set = set()

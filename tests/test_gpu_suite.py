@@ -49,6 +49,7 @@ def cpu_run(tmp_path_factory):
     return result, out, time.monotonic() - start
 
 
+@pytest.mark.launches  # the suite's CPU run starts the harness and every benchmark
 def test_cpu_run_measures_every_figure(cpu_run):
     result, out, seconds = cpu_run
     results = json.loads((out / "gpu_suite.json").read_text())
@@ -77,6 +78,7 @@ def test_cpu_run_measures_every_figure(cpu_run):
     print(f"CPU suite: {seconds:.0f} s")
 
 
+@pytest.mark.launches  # the suite's CPU run starts the harness and every benchmark
 def test_cpu_run_writes_one_table_with_every_row(cpu_run):
     _, out, _ = cpu_run
     table = (out / "gpu_suite.md").read_text()

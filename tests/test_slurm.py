@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch, processes, rank_pids, records, tiny_recipe, wait_for
+from conftest import LAUNCH_ENV, ROOT, launch_command, processes, rank_pids, records, tiny_recipe, wait_for
 
 
 def _cluster_up() -> bool:
@@ -51,6 +51,23 @@ def submit(recipe: Path, *overrides: str, options: tuple[str, ...] = ()) -> str:
                           capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
 
 
+def start_reference(recipe: Path, output: Path, processes: int = 1) -> subprocess.Popen:
+    """The recipe run straight through to ``output``, beside the job: it trains while SLURM holds
+    and restarts the requeued job, instead of after it. Its log: ``output`` + ``.log``."""
+    with output.with_name(output.name + ".log").open("w") as sink:
+        return subprocess.Popen(launch_command([str(recipe), "--set", f"output={output}"], processes),
+                                cwd=output.parent, env=LAUNCH_ENV, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def finish(reference: subprocess.Popen, output: Path) -> subprocess.CompletedProcess:
+    """Wait for a :func:`start_reference` run; its exit status and log, as ``launch`` gives them."""
+    returncode = reference.wait(timeout=900)
+    log = output.with_name(output.name + ".log").read_text()
+    if returncode != 0:
+        print(log[-8000:])
+    return subprocess.CompletedProcess(reference.args, returncode, log, "")
+
+
 def atsc(work, digits, teacher, name):
     return tiny_recipe(work, digits, name, teachers=[{"model": "test_resnet", "checkpoint": str(teacher)}],
                        method={"name": "atsc", "anchor_weight": 1.0, "adapt_after": 1},
@@ -63,12 +80,13 @@ def test_warned_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted_ru
     run = work / "slurm-requeued"
     wait_for(lambda: trained_steps(run) >= 1, 180, "the job to start training")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1@120 sends
+    started = start_reference(recipe, work / "slurm-reference")
     # SLURM holds a requeued job for a while before it may start again
     wait_for(lambda: job_field(job, "JobState") == "COMPLETED" and (run / "summary.json").exists(), 420, "the requeued job")
     assert int(job_field(job, "Restarts")) >= 1
     log = (ROOT / "logs" / f"atsc-{job}.out").read_text()
     assert "requeueing job" in log and "(restart 1)" in log
-    reference = launch([str(recipe), "--set", f"output={work / 'slurm-reference'}"], cwd=work)
+    reference = finish(started, work / "slurm-reference")
     assert reference.returncode == 0
     resumed, straight = (load_file(str(p / "student.safetensors")) for p in (run, work / "slurm-reference"))
     for key in straight:
@@ -131,6 +149,7 @@ def test_a_rank_killed_mid_epoch_restarts_the_job_which_resumes_and_matches_an_u
     assert sorted(ranks) == [0, 1], ranks
     os.kill(ranks[1], signal.SIGKILL)  # as the OOM killer would
     killed_at = time.time()
+    started = start_reference(recipe, work / "slurm-killed-reference", processes=2)
     wait_for(lambda: job_field(job, "JobState") == "COMPLETED" and (run / "summary.json").exists(), 600,
              "the restarted job")
     log = (ROOT / "logs" / f"atsc-{job}.out").read_text()
@@ -142,7 +161,7 @@ def test_a_rank_killed_mid_epoch_restarts_the_job_which_resumes_and_matches_an_u
     lost = max(r["step"] for r in records(run, "train") if r["time"] < killed_at) - resumed[0]["step"]
     print(f"restart cause: {restart['cause']}; back {resumed[0]['time'] - killed_at:.0f} s after the kill, "
           f"{lost} logged step(s) redone")
-    reference = launch([str(recipe), "--set", f"output={work / 'slurm-killed-reference'}"], cwd=work, processes=2)
+    reference = finish(started, work / "slurm-killed-reference")
     assert reference.returncode == 0
     restarted, straight = (load_file(str(p / "student.safetensors")) for p in (run, work / "slurm-killed-reference"))
     for key in straight:

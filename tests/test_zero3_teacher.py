@@ -17,6 +17,7 @@ STUDENT_LEAF = {"leaf": ["student.layer1", "student.layer2", "student.layer3", "
                          "shared.projectors.0"]}
 
 
+@pytest.mark.launches  # bench.run spawns two gloo processes per stage
 def test_benchmark_times_each_stage_and_every_stage_steps_as_stage_0():
     """Two gloo processes per run, test_vit (adapted) -> test_resnet: stage 3, and stage 3 with the
     student's blocks as leaf modules, give stage 0's losses on every rank for 4 steps (fp32), hold
