@@ -134,7 +134,8 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: StopSi
         progress.message(f"note: ZeRO-{rr.zero_stage} partitions over processes; with one it saves no memory and "
                          f"costs step time ({'up to 3-4x' if rr.zero_stage == 3 else 'a few %'}, docs/performance.md, 'Step overhead'): "
                          f"`runtime.zero_stage: 0` is the fast path on one device")
-    parts = StepParts(engine, distiller, inner, bias_opt, train_loader, schedule, lr0, steps_per_epoch, ema, guard)
+    parts = StepParts(engine=engine, distiller=distiller, inner=inner, bias_opt=bias_opt, loader=train_loader,
+                      schedule=schedule, lr0=lr0, steps_per_epoch=steps_per_epoch, ema=ema, teacher_guard=guard)
     loop = StepLoop(parts, recipe, rt, log, progress, signals, watchdog, args.stop_after_steps)
     epochs_run = 0
     for epoch in range(state["epoch"], recipe.schedule.epochs):
