@@ -6,9 +6,9 @@
 Both sides train the same models (student, teacher(s), projector; seeded alike) on the same
 synthetic batch, already on the device:
 
-* harness: the distiller and engine built exactly as ``harness/run.py`` builds them
+* harness: the distiller and engine built exactly as ``harness/trainer.py`` builds them
   (``build.build_method``, ``optim.build_optimizer``, ``engine.build_engine``), stepped with the
-  per-step work of ``run.Loop.train_epoch`` (lr, engine forward/backward/step, the non-finite
+  per-step work of ``step_loop.StepLoop.train_epoch`` (lr, engine forward/backward/step, the non-finite
   guard, on-device loss sums);
 * plain: the same maths written directly: student and teacher ``forward_features``, projector,
   feature MSE (+ fused bias CE and the anchor gradient when adapting), ``torch.optim.SGD``,
@@ -93,7 +93,7 @@ def deepspeed_engine(model, optimizer, rt, recipe: Recipe, tuned: bool):
 
 
 class HarnessStep:
-    """The per-micro-step work of ``run.Loop.train_epoch``, on a fixed batch."""
+    """The per-micro-step work of ``step_loop.StepLoop.train_epoch``, on a fixed batch."""
 
     def __init__(self, recipe: Recipe, rt, x: torch.Tensor, y: torch.Tensor, adapted: bool, engine: str = "harness"):
         torch.manual_seed(recipe.runtime.seed)
@@ -105,7 +105,7 @@ class HarnessStep:
         else:
             self.engine = deepspeed_engine(self.distiller, optimizer, rt, recipe, tuned=engine == "deepspeed")
         self.inner = base_optimizer(self.engine)
-        if adapted:  # what run.train does at the adaptation epoch
+        if adapted:  # what trainer.train does at the adaptation epoch
             self.inner.start_adaptation()
         set_teachers_trainable(self.inner, adapted)
         self.distiller.set_adapting(adapted)

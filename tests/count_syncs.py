@@ -2,9 +2,10 @@
 
 Launched in place of harness/run.py (``accelerate launch tests/count_syncs.py RECIPE ...``) with
 ``COUNT_SYNCS_OUT`` naming a folder: each rank writes ``rank<r>.json`` there, the calls made
-inside the training loop (``Loop.train_epoch``) by call site, split into those of a logging or
-check step (``Loop.log_window``, the periodic non-finite and stop-signal checks, checkpoints,
-evaluation) and the rest, which a step between logging steps should never make.
+inside the training loop (``StepLoop.train_epoch`` in harness/step_loop.py) by call site, split
+into those of a logging or check step (``StepLoop.log_window``, the periodic non-finite and
+stop-signal checks, checkpoints, evaluation) and the rest, which a step between logging steps
+should never make.
 
 Counted: ``Tensor.item``, ``tolist``, ``__bool__``, ``__float__``, ``__int__``, ``cpu``,
 ``numpy``, ``nonzero`` of a tensor on the training device (see ``_on_device``); ``torch.tensor`` / ``torch.as_tensor`` given a ``device`` (host values
@@ -37,7 +38,7 @@ def _record(kind: str, into: str = "") -> None:
         if site is None and "/torch/" not in code.co_filename and code.co_filename != __file__:
             site = f"{os.path.relpath(code.co_filename, ROOT)}:{frame.f_lineno} {code.co_name}"
         exempt = exempt or code.co_name in EXEMPT
-        if code.co_name == "train_epoch" and code.co_filename.endswith(os.path.join("harness", "run.py")):
+        if code.co_name == "train_epoch" and code.co_filename.endswith(os.path.join("harness", "step_loop.py")):
             in_loop = True
             break
         frame = frame.f_back

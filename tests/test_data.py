@@ -101,13 +101,13 @@ def test_an_evaluation_must_see_the_whole_split_it_was_given(digits):
 
 
 def test_evaluation_with_a_sample_that_does_not_decode_stops(digits, tmp_path):
-    """The run's evaluation (harness/run.py) on a split whose shard lost a sample: refused, not a smaller top-1."""
+    """The run's evaluation (harness/trainer.py) on a split whose shard lost a sample: refused, not a smaller top-1."""
     import shutil
     import tarfile
 
     import timm
     from harness.distributed import Runtime
-    from harness.run import evaluate_split
+    from harness.trainer import evaluate_split
 
     copy = tmp_path / "digits"
     shutil.copytree(digits, copy)

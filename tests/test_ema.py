@@ -120,9 +120,9 @@ def test_resume_with_ema_from_a_checkpoint_without_one_is_refused(work, digits, 
 POISON_ONE_BATCH = """
 import sys
 sys.path.insert(0, {root!r})
-from harness import run
+from harness import run, trainer
 
-build_loaders = run.build_loaders
+build_loaders = trainer.build_loaders
 
 def poisoned_loaders(*args, **kwargs):  # batch 7 of the first epoch is all NaN: a non-finite loss, NaN BatchNorm statistics
     train, val = build_loaders(*args, **kwargs)
@@ -135,7 +135,7 @@ def poisoned_loaders(*args, **kwargs):  # batch 7 of the first epoch is all NaN:
     train.epoch = batches
     return train, val
 
-run.build_loaders = poisoned_loaders
+trainer.build_loaders = poisoned_loaders
 if __name__ == "__main__":  # not in the loader workers, which import this module as their __main__
     sys.exit(run.main())
 """

@@ -207,7 +207,7 @@ def _ddp_worker(rank: int, world: int, init: str, configs: list, out: str) -> No
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for step in range(frozen_steps + (2 if r.method.name == "atsc" else 0)):
-                if step == frozen_steps and r.method.name == "atsc":  # what run.train does when adaptation starts
+                if step == frozen_steps and r.method.name == "atsc":  # what trainer.train does when adaptation starts
                     opt.start_adaptation()
                     set_teachers_trainable(opt, True)
                     d.set_adapting(True)
@@ -336,7 +336,7 @@ def test_the_ema_is_evaluated_without_swapping_weights_at_stages_0_to_2(monkeypa
 
 
 def test_frozen_teachers_are_evaluated_once_and_adapted_ones_every_time():
-    from harness.run import evaluate_run
+    from harness.trainer import evaluate_run
 
     torch.manual_seed(0)
     student, teacher = _Counting(timm.create_model("test_resnet", num_classes=10)), \

@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import tiny_recipe, wait_for
-from harness import run, tracking
+from harness import run, step_loop, tracking
 from harness.metrics import MetricsLog
 from harness.recipe import RecipeError
 from harness.tracking import Tracking, scalars
@@ -261,5 +261,5 @@ def test_each_teachers_anchor_distance_is_tracked_on_its_own():
         assert got[k].item() == pytest.approx(sq[k], rel=1e-4)
     assert opt.anchor_value().item() == pytest.approx(2.0 * (sq[0] + sq[1]), rel=1e-4)
     rt = type("Rt", (), {"device": torch.device("cpu"), "zero_stage": 0})()
-    assert run.anchor_distances(opt, rt, TEACHERS) == {
+    assert step_loop.anchor_distances(opt, rt, TEACHERS) == {
         TEACHERS[k]: pytest.approx(sq[k] ** 0.5, rel=1e-4) for k in (0, 1)}
