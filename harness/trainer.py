@@ -23,6 +23,7 @@ from harness.export import full_state_dict, save_student, student_config
 from harness.metrics import MetricsLog, Progress, summary_table
 from harness.optim import LRSchedule, bias_optimizer, build_optimizer, decay_groups, peak_lr, set_teachers_trainable
 from harness.recipe import Recipe, to_yaml
+from harness.records import METRICS_FILE
 from harness.signals import StopSignals
 from harness.step_loop import StepLoop, StepParts
 from harness.teacher_guard import TeacherCollapsed, TeacherGuard, TeacherWatch, watch_state_for
@@ -85,7 +86,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: StopSi
     if rt.is_main:  # only now: a run refused while its models or data were built leaves nothing behind
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(to_yaml(recipe))
-    log = MetricsLog(out / "metrics.jsonl", rt.is_main, tracking_for(recipe, rt.is_main))
+    log = MetricsLog(out / METRICS_FILE, rt.is_main, tracking_for(recipe, rt.is_main))
     global_batch = d.batch_size * rt.world_size * rr.grad_accum
     optimizer = build_optimizer(decay_groups(distiller.param_groups(), distiller.parts(), recipe.optim), recipe.optim,
                                 m.anchor_weight)
