@@ -45,7 +45,7 @@ from harness.data import EpochLoader, Preprocess, ShardStream, train_transform
 
 try:
     from harness.data import gpu_decode
-except ImportError:  # a --code tree from before the harness/data/ package (docs/data.md's 7557c87): top-level module
+except ImportError:  # a --code tree from before the harness/data/ package (an older commit's): a top-level module
     from harness import gpu_decode
 CountOps, DeferredDecode, DeviceDecode = gpu_decode.CountOps, gpu_decode.DeferredDecode, gpu_decode.DeviceDecode
 
