@@ -1,4 +1,4 @@
-"""CPU cost of each `data.augment` key of harness/augment.py, apart from the training step.
+"""CPU cost of each `data.augment` key of harness/data/augment.py, apart from the training step.
 
     python bench/end_to_end.py --data DIR          # once: writes 500x375 JPEG shards into DIR/shards
     python bench/augment.py --data DIR [--size 224] [--images 120] [--rounds 5]
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
-from harness.augment import BatchAugment, sample_policy  # noqa: E402
 from harness.data import Preprocess, decode_sample, normalize, read_samples, select_shards, train_transform  # noqa: E402
+from harness.data.augment import BatchAugment, sample_policy  # noqa: E402
 from harness.recipe import Augment  # noqa: E402
 
 POLICIES = [("none", None, 0.0), ("rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5-inc1", 0.0),

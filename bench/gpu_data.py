@@ -41,8 +41,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from harness.gpu_decode import CountOps, DeferredDecode, DeviceDecode
-from harness.transforms import Preprocess, train_transform
+from harness.data import EpochLoader, Preprocess, ShardStream, train_transform
+
+try:
+    from harness.data import gpu_decode
+except ImportError:  # a --code tree from before the harness/data/ package (an older commit's): a top-level module
+    from harness import gpu_decode
+CountOps, DeferredDecode, DeviceDecode = gpu_decode.CountOps, gpu_decode.DeferredDecode, gpu_decode.DeviceDecode
 
 PRE = Preprocess(image_size=224, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CROP = ((0.08, 1.0), (3 / 4, 4 / 3), 0.5)
@@ -75,8 +80,6 @@ def make_shards(root: Path, images: int) -> list[str]:
 
 
 def loader_for(path: str, urls: list[str], workers: int, batch: int):
-    from harness.data import EpochLoader, ShardStream  # here: --stage needs only the decode stage
-
     transform = DeferredDecode(PRE, CROP) if path == "gpu" else train_transform(PRE, *CROP)
     lengths = {u: PER_SHARD for u in urls}
     stream = ShardStream(urls, transform, 1000, batch, train=True, shuffle_buffer=512, lengths=lengths)
@@ -150,8 +153,6 @@ def stage_batch(batch: int, setting: str, seed: int):
 
 def stage_cost(batch: int, setting: str, repeats: int) -> dict:
     """Operations and host time per batch of ``DeviceDecode._finish`` on CPU tensors."""
-    from harness import gpu_decode
-
     pre, (encoded, y) = stage_batch(batch, setting, seed=batch)
     stage = gpu_decode.DeviceDecode(pre, torch.device("cpu"), train=True)
     decode, decode_s = gpu_decode._decode_jpegs, []
@@ -192,9 +193,9 @@ def stage_main(args: argparse.Namespace) -> None:
                 emit(code=str(code), **json.loads(line))
         return
     torch.set_num_threads(args.threads)
-    import harness.gpu_decode
+    import harness
 
-    emit(kind="env", torch=torch.__version__, harness=str(Path(harness.gpu_decode.__file__).parent),
+    emit(kind="env", torch=torch.__version__, harness=str(Path(harness.__file__).parent),
          cpus=os.cpu_count(), threads=torch.get_num_threads(), load=os.getloadavg()[0])
     for setting in args.settings:
         for batch in args.batches:

@@ -17,7 +17,7 @@ that :meth:`Distiller.param_groups` marks as anchored (multi-dimensional teacher
 the reference weights live in optimizer state and are partitioned with it under ZeRO.
 
 Labels ``y`` are class indices, or (B, num_classes) probabilities when the batch was mixed
-(``data.augment.mixup`` / ``cutmix``: :mod:`harness.augment`). Every CE term takes either as
+(``data.augment.mixup`` / ``cutmix``: :mod:`harness.data.augment`). Every CE term takes either as
 ``F.cross_entropy`` does: the supervised and KD terms with ``label_smoothing`` (which smooths
 probability targets exactly as timm's ``mixup_target`` would), the bias step without, so a
 mixed batch changes what each term sees and nothing else. The teachers see the same mixed x.

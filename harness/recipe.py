@@ -35,7 +35,7 @@ class Augment(_Section):
     crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="rrc: RandomResizedCrop aspect range")
     padding: int = Field(4, ge=0, description="cifar: zero padding on each side, in pixels, before the random crop")
     hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
-    # Beyond the crop and flip: timm's augmentations (harness/augment.py). Off by default, and off the run is unchanged.
+    # Beyond the crop and flip: timm's augmentations (harness/data/augment.py). Off by default, and off the run is unchanged.
     auto_augment: Optional[str] = Field(None, description="per-sample policy after the crop and flip, in timm's strings: 'rand-m9-mstd0.5-inc1' (RandAugment), 'original' / 'v0' (AutoAugment), 'augmix-m5-w4-d2' (AugMix), or 'trivialaugment' (torchvision's TrivialAugmentWide; timm has none); CPU data path only (`data.decode: auto` then decodes on the CPU); null: none")
     color_jitter: float = Field(0.0, ge=0, description="colour jitter after the policy: brightness, contrast and saturation factors drawn from [1 - v, 1 + v] (timm's scalar `--color-jitter`, e.g. 0.4; torchvision's ColorJitter); CPU data path only; 0: none")
     erase_prob: float = Field(0.0, ge=0, le=1, description="random erasing (timm's RandomErasing, `--reprob`): probability per image of erasing rectangles of the normalised batch, in the training process on either data path; 0: none")
@@ -51,7 +51,7 @@ class Augment(_Section):
     @classmethod
     def _policy_known(cls, policy: Optional[str]) -> Optional[str]:
         if policy:
-            from harness.augment import auto_augment_op  # local: timm is imported only when a policy is set
+            from harness.data.augment import auto_augment_op  # local: timm is imported only when a policy is set
 
             auto_augment_op(policy, 224, (0.5, 0.5, 0.5))  # ValueError naming the accepted forms
         return policy or None

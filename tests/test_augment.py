@@ -1,4 +1,4 @@
-"""timm's augmentations (harness/augment.py): seeded per sample and per batch, resumable, Mixup by hand.
+"""timm's augmentations (harness/data/augment.py): seeded per sample and per batch, resumable, Mixup by hand.
 
 Per-sample policies (auto-augment, colour jitter) run in the CPU path's workers after the crop;
 random erasing and Mixup/CutMix on the normalised batch in the training process, both paths.
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from harness.augment import BatchAugment, Seeded, batch_seed, python_and_numpy_seeded, sample_policy
+from harness.data.augment import BatchAugment, Seeded, batch_seed, python_and_numpy_seeded, sample_policy
 from harness.build import build_distiller
 from harness.data import (DeferredDecode, EpochLoader, Preprocess, ShardStream, build_loaders, decode_on,
                           decode_sample, select_shards, train_transform)
@@ -69,8 +69,8 @@ def test_a_policy_draws_after_the_crop_and_leaves_global_generators_as_they_were
 
 
 def test_posterize_to_zero_bits_gives_a_black_image_as_timm_meant_not_a_crash():
-    """timm's levels reach 0 bits, which Pillow 12+ refuses; harness.augment keeps Pillow 11's black image."""
-    from harness.augment import _augment_ops, auto_augment_op
+    """timm's levels reach 0 bits, which Pillow 12+ refuses; harness.data.augment keeps Pillow 11's black image."""
+    from harness.data.augment import _augment_ops, auto_augment_op
 
     for policy, name in (("rand-m10-inc1", "PosterizeIncreasing"), ("v0", "Posterize")):
         ops = [op for op in _augment_ops(auto_augment_op(policy, 16, PRE.mean).op) if op.name == name]

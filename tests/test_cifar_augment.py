@@ -15,7 +15,7 @@ from torchvision import transforms as T
 from harness.data import (DeferredDecode, EpochLoader, Preprocess, ShardStream, build_loaders, cifar_train_transform,
                           decode_on, decode_sample, eval_transform, expand_urls, train_transform)
 from harness.recipe import RecipeError, load_recipe
-from harness.transforms import PadCrop, seed_augmentation
+from harness.data.transforms import PadCrop, seed_augmentation
 from shards.cifar import write_cifar
 from test_cifar import make_tarball
 

@@ -235,7 +235,7 @@ def test_corrupt_sample_is_skipped_and_the_run_goes_on(tmp_path, digits, caplog)
 @pytest.mark.parametrize("world,workers", [(1, 3), (2, 2), (3, 3)])
 def test_an_epoch_is_the_data_set_every_sample_once_as_the_plan_says(indexed, world, workers):
     """Unequal shards (300/250/200/150), several workers: what the loaders deliver is what the planner counts."""
-    from harness.epoch_plan import plan_figures
+    from harness.data.plan import plan_figures
 
     urls = expand_urls(str(indexed / "train-{000000..000003}.tar"))
     figures = plan_figures(urls, dict(zip(urls, TRAIN_LENGTHS)), world, workers, 32)

@@ -1,4 +1,4 @@
-"""The epoch planner (harness/epoch_plan.py) at any world size, the tar reader's skip, and the plan command."""
+"""The epoch planner (harness/data/plan.py) at any world size, the tar reader's skip, and the plan command."""
 import io
 import json
 import random
@@ -10,8 +10,8 @@ import pytest
 
 from conftest import ROOT
 from harness.data import plan_warnings
-from harness.epoch_plan import EpochPlan, main, plan_figures
-from harness.tarstream import tar_members
+from harness.data.plan import EpochPlan, main, plan_figures
+from harness.data.tars import tar_members
 
 
 def _lengths(shards: int, seed: int = 0) -> dict[str, int]:

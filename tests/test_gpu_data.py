@@ -18,7 +18,7 @@ from torchvision.transforms import functional as TF
 
 from harness.data import (DataError, DeferredDecode, DeviceDecode, EpochLoader, Encoded, Preprocess, ShardStream,
                           cifar_train_transform, decode_on, eval_transform, train_transform)
-from harness.gpu_decode import CountOps, _size_groups, resample
+from harness.data.gpu_decode import CountOps, _size_groups, resample
 
 # mean 0, std 1/255: the loader's output is the 0-255 pixel values themselves, in float
 PRE = Preprocess(image_size=24, crop_pct=0.875, mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)

@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchvision import transforms as T
 from webdataset.tariterators import tarfile_samples
 
-from harness import shm_batches
-from harness.data import Preprocess, ShardStream, _collate, pil_to_chw, read_samples, train_transform
-from harness.tarstream import TarFormatError, tar_members
+from harness.data import Preprocess, ShardStream, pil_to_chw, read_samples, shm_batches, train_transform
+from harness.data.stream import _collate
+from harness.data.tars import TarFormatError, tar_members
 
 
 def _png(value: int, size: int = 8) -> bytes:

@@ -14,7 +14,7 @@ Two stages, in timm's order (``transforms_imagenet_train`` then its train loop):
 Seeding, so that a run resumed mid-epoch augments exactly as an uninterrupted one: timm's ops
 draw from Python's ``random`` and NumPy's global generators, torchvision's from torch's. A
 sample's torch generator is already seeded from (seed, epoch, key) before its transform runs
-(:func:`harness.transforms.seed_augmentation`); :class:`Seeded` draws one number from it and
+(:func:`harness.data.transforms.seed_augmentation`); :class:`Seeded` draws one number from it and
 seeds ``random`` and NumPy with it for the op (restoring their state after), so the policy is a
 function of (seed, epoch, key) too. A batch is seeded from (seed, epoch, batch index, rank)
 (:func:`batch_seed`), the same position a mid-epoch checkpoint records.

@@ -31,8 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from harness.transforms import (PadCrop, Preprocess, normalize, read_sample, resized_size, rgb_planes,
-                                seed_augmentation)
+from harness.data.transforms import (PadCrop, Preprocess, normalize, read_sample, resized_size, rgb_planes,
+                                     seed_augmentation)
 
 log = logging.getLogger("harness.data")
 
@@ -96,7 +96,7 @@ class DeferredDecode:
     def plan(self, sample: dict, num_classes: int, seed: int) -> Optional[Planned]:
         """(bytes, crop box, flip, label, shard:key, pixels) of one tar sample, or None (logged).
 
-        Skips exactly what :func:`harness.transforms.decode_sample` skips, short of JPEG bodies that only fail to
+        Skips exactly what :func:`harness.data.transforms.decode_sample` skips, short of JPEG bodies that only fail to
         decode (the decode stage skips those). Anything nvJPEG should not see (PNG, WebP,
         grey, CMYK, palette JPEGs, and JPEGs without an end marker in their last KiB, which
         may be truncated) is decoded here and sent as its RGB pixels, as the CPU path has them.

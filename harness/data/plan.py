@@ -4,7 +4,7 @@ An epoch's samples, in the epoch's shuffled shard order, form one sequence of ``
 samples (shard lengths from ``_info.json``). In training every rank takes a contiguous range
 of ``batches_per_rank x batch_size`` samples of it, and within the rank each loader worker a
 contiguous run of whole batches; ranges start and end inside shards, and a worker whose range
-starts inside a shard skips to it in the tar reader (:func:`harness.tarstream.tar_members`,
+starts inside a shard skips to it in the tar reader (:func:`harness.data.tars.tar_members`,
 a seek per member on a local shard). So at any world size and worker count:
 
 * an epoch uses every sample once, except the remainder of the last global batch (fewer than
@@ -17,7 +17,8 @@ a seek per member on a local shard). So at any world size and worker count:
 Evaluation deals every sample the same way with no remainder (batches may be short); shards of
 unknown length are dealt whole, to ranks and then workers, each read by one of them.
 
-Pure Python, no torch: ``python -m harness.data plan`` replays it for any cluster size.
+Pure Python, no torch: ``python -m harness.data plan`` (:func:`main`) replays it for any cluster
+size, and :func:`plan_warnings` words what a plan costs that a user can fix.
 """
 from __future__ import annotations
 
@@ -127,6 +128,25 @@ class EpochPlan:
                    (self.worker_range(r, w) for w in range(self.workers)))
 
 
+UNUSED_WARN = 0.01  # a larger share of the split left out of every epoch is worth a line at start-up
+
+
+def plan_warnings(plan: EpochPlan) -> list[str]:
+    """What a training plan costs that a user can fix, one line each (empty when nothing does)."""
+    notes = []
+    unused = plan.total - plan.samples_per_epoch
+    if unused > UNUSED_WARN * plan.total:
+        step = plan.world * plan.batch_size * plan.multiple_of
+        notes.append(f"each epoch leaves {unused} of the {plan.total} train samples unused "
+                     f"({100 * unused / plan.total:.1f}%): the split is {plan.total / step:.2f} global batches of "
+                     f"{step}; lower `data.batch_size` (or `runtime.grad_accum`) or use fewer processes")
+    if plan.batches_per_rank < plan.workers:
+        notes.append(f"each rank has {plan.batches_per_rank} batch(es) an epoch for {plan.workers} loader workers: "
+                     f"{plan.workers - plan.batches_per_rank} worker(s) per rank start and read nothing; set "
+                     f"`data.workers` to {max(plan.batches_per_rank, 1)} or fewer")
+    return notes
+
+
 # --- `python -m harness.data plan`: an epoch's plan for any cluster size, no shard read
 
 def plan_figures(urls: Sequence[str], lengths: dict[str, int], world: int, workers: int, batch_size: int,
@@ -156,7 +176,7 @@ def plan_figures(urls: Sequence[str], lengths: dict[str, int], world: int, worke
 def _lengths_from(args) -> tuple[list[str], dict[str, int], int]:
     """Shard names and lengths from the command line: a recipe, --shard-lengths, or --samples/--shard-size."""
     if args.recipe:
-        from harness.data import DataError, select_shards
+        from harness.data.shards import DataError, select_shards
         from harness.recipe import RecipeError, load_recipe
 
         try:

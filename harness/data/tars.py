@@ -1,4 +1,4 @@
-"""Regular-file members of a tar stream, read without :mod:`tarfile`: the shard reader's inner loop.
+"""The shard reader: the samples of a tar shard, its members read without :mod:`tarfile`.
 
 Python's ``tarfile`` in streaming mode (what webdataset iterates with) costs about 0.1 ms per
 two-member sample: it reads in 10 KB pieces and joins them, builds a ``TarInfo`` with a dozen
@@ -10,11 +10,25 @@ Covered: what shard writers produce (POSIX ustar and pax from Python's ``tarfile
 webdataset's ``TarWriter``, GNU tar): regular files, pax ``path``/``size`` records, GNU long
 names, the ustar name prefix. Other member kinds (directories, links, devices) are skipped, as
 webdataset skips them. A stream is read sequentially only, so ``pipe:`` and HTTP shards work.
+
+:func:`read_samples` is the reader the stream uses: webdataset's ``tarfile_samples`` with its
+``tarfile`` parsing swapped for :func:`tar_members`, reading the :class:`~harness.data.plan.Span`
+pieces of shards that a worker's share of the epoch holds.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
+
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys
+
+from harness.data.plan import Span
+
+# the package's one logger: data warnings are printed, and filtered, as "harness.data"
+log = logging.getLogger("harness.data")
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -30,6 +44,46 @@ META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's meta members: skippe
 
 class TarFormatError(ValueError):
     """The stream is not a readable tar from some point on (truncated, corrupt, unsupported)."""
+
+
+def read_samples(spans: Sequence[str | Span]) -> Iterator[dict]:
+    """Raw tar samples of the given shards (or :class:`Span` pieces of them) in order; a broken shard is logged and ended.
+
+    webdataset's ``tarfile_samples`` with its ``tarfile`` parsing swapped for the leaner
+    :func:`tar_members` (a fifth of the cost per sample); the rest is webdataset's: shards
+    opened with ``gopen`` (local, ``pipe:``, HTTP), ``__*__`` meta members skipped, members
+    grouped into samples by ``group_by_keys`` (``__key__``, ``__url__``, lower-cased
+    extensions), a shard that cannot be opened or read to its end logged as a
+    warning with the samples before the break kept, and never a sample spanning two shards.
+    A span that starts inside a shard skips to its first sample without reading the ones before
+    (a seek per member on a local shard) and stops after its last.
+    """
+    def warn(exn: Exception) -> bool:
+        log.warning("shard read error (rest of shard skipped): %s", exn)
+        return True
+
+    for span in spans:
+        yield from group_by_keys(_tar_files(Span(span) if isinstance(span, str) else span, warn), handler=warn)
+
+
+def _tar_files(span: Span, warn) -> Iterator[dict]:
+    """``{"fname", "data", "__url__"}`` per tar member of the span's samples, then ``{}`` (end of shard)."""
+    url = span.url
+    try:
+        stream = gopen(url)
+    except (OSError, ValueError) as e:
+        warn(e)
+        return
+    try:
+        for name, data in tar_members(stream, url, skip_samples=span.start, max_samples=span.count):
+            if not META_MEMBER.match(name):
+                yield {"fname": name, "data": data, "__url__": url}
+    except (TarFormatError, OSError) as e:
+        warn(e)
+    finally:
+        with contextlib.suppress(OSError):  # a pipe's exit status was checked at each read
+            stream.close()
+    yield {}
 
 
 def tar_members(stream: BinaryIO, where: str, skip_samples: int = 0,

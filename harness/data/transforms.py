@@ -4,13 +4,13 @@ Workers crop and return uint8 tensors; scaling and normalisation (:func:`normali
 after the batch reaches the training process (on the GPU there), which quarters what crosses
 between processes and takes the float work off the loader's CPU cores. The augmentation of a
 sample is seeded from (seed, epoch, key) alone, so a resumed run crops exactly as an
-uninterrupted one, and the GPU path (:mod:`harness.gpu_decode`) draws the very same crops.
+uninterrupted one, and the GPU path (:mod:`harness.data.gpu_decode`) draws the very same crops.
 
 Two augmentations (``data.augment.kind``): ``rrc``, torchvision's RandomResizedCrop and flip
 (:func:`train_transform`, evaluated by :func:`eval_transform`'s resize and center crop), and
 ``cifar``, the CIFAR literature's zero-pad and random crop and flip (:func:`cifar_train_transform`;
 evaluated by :func:`eval_transform` at ``crop_pct`` 1: a 32 px image as it is). Either may end
-in per-sample policies (auto-augment, colour jitter: :mod:`harness.augment`), which draw after
+in per-sample policies (auto-augment, colour jitter: :mod:`harness.data.augment`), which draw after
 the crop, so a sample's crop stays the same with them.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def train_transform(pre: Preprocess, scale: Sequence[float], ratio: Sequence[flo
                     policy: Sequence[Callable] = ()) -> T.Compose:
     """RandomResizedCrop, horizontal flip, uint8 CHW tensor: torchvision's, ending in :func:`pil_to_chw`.
 
-    ``policy``: per-sample PIL ops after the flip (:func:`harness.augment.sample_policy`); they
+    ``policy``: per-sample PIL ops after the flip (:func:`harness.data.augment.sample_policy`); they
     draw after the crop, so the crop and flip are the same with or without them.
     """
     ops = [T.RandomResizedCrop(pre.image_size, scale=tuple(scale), ratio=tuple(ratio), antialias=True)]
