@@ -19,6 +19,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -31,6 +32,11 @@ from harness.data.plan import EpochPlan, plan_warnings
 from harness.data.shards import DataError, Shards, select_shards
 from harness.data.stream import Position, ShardStream
 from harness.data.transforms import Preprocess, cifar_train_transform, eval_transform, normalize, train_transform
+
+# DataLoader's own "will create N worker processes ... suggested max" is said by every loader and
+# ignores the other ranks sharing the cores; harness.resources' start-up warning counts each rank's
+# share, once per run, and says what to change
+warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
 
 # the package's one logger: data warnings are printed, and filtered, as "harness.data"
 log = logging.getLogger("harness.data")
