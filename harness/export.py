@@ -187,15 +187,15 @@ def teacher_drift(run_dir: Path, checkpoint: Path | None = None) -> dict[str, di
     distiller, _ = build_method(recipe)  # the teachers as loaded
     adapted = consolidated_state(checkpoint)
     drift = {}
-    for k, (teacher_recipe, teacher) in enumerate(zip(recipe.teachers, distiller.teachers)):
+    for k, (teacher_name, teacher) in enumerate(zip(recipe.teacher_names, distiller.teachers)):
         moved = {kind: 0.0 for kind in PARAMETER_KINDS}
         size = {kind: 0.0 for kind in PARAMETER_KINDS}
         for name, loaded in teacher.named_parameters():
             kind = parameter_kind(teacher, name, loaded)
             moved[kind] += (adapted[f"teachers.{k}.{name}"].float() - loaded.float()).pow(2).sum().item()
             size[kind] += loaded.float().pow(2).sum().item()
-        drift[f"{k}:{teacher_recipe.model}"] = {kind: (moved[kind] / size[kind]) ** 0.5 if size[kind] else 0.0
-                                                 for kind in PARAMETER_KINDS}
+        drift[teacher_name] = {kind: (moved[kind] / size[kind]) ** 0.5 if size[kind] else 0.0
+                               for kind in PARAMETER_KINDS}
     return drift
 
 

@@ -204,6 +204,11 @@ class Recipe(_Section):
     runtime: Runtime = Field(default_factory=Runtime)
     overrides: list[str] = Field(default_factory=list, description="set by the harness: the --set overrides applied to this recipe")
 
+    @property
+    def teacher_names(self) -> list[str]:
+        """``<index>:<model>`` per teacher: their keys in evaluations, ``metrics.jsonl``, the summary and drift."""
+        return [f"{i}:{t.model}" for i, t in enumerate(self.teachers)]
+
     @model_validator(mode="before")
     @classmethod
     def _cifar_crop_pct(cls, tree: Any) -> Any:

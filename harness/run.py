@@ -20,7 +20,7 @@ import torch
 
 from harness import checkpoint
 from harness.build import check_model_files
-from harness.data import DataError, plan_data
+from harness.data import DataError, DataPlan, plan_data
 from harness.distributed import init_runtime, rank_and_world, shutdown
 from harness.guard import NonFiniteLoss
 from harness.models import ModelError
@@ -62,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RecipeError as e:
         return refused(str(e))
     try:
-        resume_from = preflight(recipe, args)
+        resume_from, data_plan = preflight(recipe, args)
     except USER_ERRORS as e:
         # recorded where the output folder exists (slurm/train.sbatch makes it): a refusal recurs, so it is not retried
         record_failure(recipe.output, rank_and_world()[0], exception_cause(e), None, str(e))
@@ -80,7 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(starved, file=sys.stderr, flush=True)
     failed = True
     try:
-        train(recipe, args, rt, signals, resume_from, watchdog)
+        train(recipe, args, rt, signals, resume_from, watchdog, data_plan)
         checkpoint.finish_pruning()  # after the last save is published: off its critical path
         failed = False
         return 0  # finished, or stopped on request with a checkpoint: both are clean exits
@@ -127,14 +127,15 @@ def refused(message: str) -> int:
     return 2
 
 
-def preflight(recipe: Recipe, args: argparse.Namespace) -> Optional[Path]:
+def preflight(recipe: Recipe, args: argparse.Namespace) -> tuple[Optional[Path], DataPlan]:
     """Every refusal the files can decide, before any process group, engine or output folder exists.
 
     The output folder (a run there needs --resume; a partitioned checkpoint needs its world
     size), the shards (each key one split, sizes, a full step per rank) and the models
     (known names, checkpoints that fit: a teacher's classifier for ``data.num_classes``).
     Every rank runs it on the same files, so all refuse alike. Returns the checkpoint to
-    resume from, if any. First of all, the installed DeepSpeed must be one the engine was tested on.
+    resume from, if any, and the data plan, which the loaders are built from (each rank lists
+    the shard folders once). First of all, the installed DeepSpeed must be one the engine was tested on.
     """
     check_version()
     _, world_size = rank_and_world()  # the launcher's, before any process group; none: a world of one
@@ -142,10 +143,10 @@ def preflight(recipe: Recipe, args: argparse.Namespace) -> Optional[Path]:
     if resume_from is not None:
         checkpoint.check_world_size(resume_from, world_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as init_runtime will choose
-    plan_data(recipe, world_size, device, recipe.runtime.grad_accum)
+    data_plan = plan_data(recipe, world_size, device, recipe.runtime.grad_accum)
     check_model_files(recipe)
     check_trackers(recipe.runtime.trackers)
-    return resume_from
+    return resume_from, data_plan
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class StepLoop:
         self.images_per_s = math.nan
         optimizers = [parts.inner] + ([parts.bias_opt] if parts.bias_opt is not None else [])
         self.nonfinite = NonFiniteGuard(parts.distiller, optimizers, rt.device)
-        self.teacher_names = [f"{i}:{t.model}" for i, t in enumerate(recipe.teachers)]  # as evaluations name them
+        self.teacher_names = recipe.teacher_names
         self.skipped_seen = 0  # the non-finite guard's count already added to the run's state
         self.guard_stop: Optional[str] = None  # the teacher guard's message when it stops the run
 

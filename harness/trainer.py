@@ -14,7 +14,7 @@ import torch
 
 from harness import checkpoint
 from harness.build import build_method
-from harness.data import build_loaders
+from harness.data import DataPlan, build_loaders
 from harness.distributed import Runtime, broadcast_buffers
 from harness.ema import EmaWeights, StudentEma, maybe_ema
 from harness.engine import base_optimizer, build_engine
@@ -68,8 +68,11 @@ def _beating(batches, watchdog: Watchdog):
 
 
 def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: StopSignals,
-          resume_from: Optional[Path] = None, watchdog: Optional[Watchdog] = None) -> dict[str, Any]:
+          resume_from: Optional[Path] = None, watchdog: Optional[Watchdog] = None,
+          data_plan: Optional[DataPlan] = None) -> dict[str, Any]:
     """Run the recipe's epochs from ``resume_from`` (None: afresh) to the export; the run's state at the end.
+
+    ``data_plan``: the shards as :func:`harness.run.preflight` checked them (None: checked here).
 
     Returns early, checkpointed, when asked to stop (``signals``, ``--stop-after-*``); raises
     :class:`TeacherCollapsed` when the teacher guard stops the run.
@@ -82,7 +85,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: StopSi
     # --- models, method, data, engine
     torch.manual_seed(rr.seed)  # identical initialisation on every rank
     distiller, pre = build_method(recipe)
-    train_loader, val_loader = build_loaders(recipe, pre, rt.rank, rt.world_size, rt.device, rr.grad_accum)
+    train_loader, val_loader = build_loaders(recipe, pre, rt.rank, rt.world_size, rt.device, rr.grad_accum, data_plan)
     if rt.is_main:  # only now: a run refused while its models or data were built leaves nothing behind
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(to_yaml(recipe))
@@ -97,7 +100,7 @@ def train(recipe: Recipe, args: argparse.Namespace, rt: Runtime, signals: StopSi
     ema = maybe_ema(distiller.deployed(), rr.zero_stage, rr.ema)  # after the engine: ZeRO-3 has partitioned it
     schedule, lr0 = LRSchedule(recipe.schedule), peak_lr(recipe.optim, global_batch)
     eval_models = {"student": distiller.deployed(), **({"student_ema": EmaWeights(ema)} if ema else {}),
-                   **{f"{i}:{t.model}": teacher for i, (t, teacher) in enumerate(zip(recipe.teachers, distiller.viewed_teachers()))}}
+                   **dict(zip(recipe.teacher_names, distiller.viewed_teachers()))}
 
     # --- state: fresh or resumed
     if resume_from is not None:  # verified: each rank reads a share, one verdict; a damaged latest falls back
@@ -220,8 +223,7 @@ def teacher_guard(recipe: Recipe, distiller, inner, bias_opt, rt: Runtime) -> Op
         broadcast_buffers(distiller.teachers[k])
 
     watch = TeacherWatch(len(recipe.teachers), config.window if config else 10, rt.device)
-    names = [f"{i}:{t.model}" for i, t in enumerate(recipe.teachers)]
-    return TeacherGuard(config, names, watch, freeze)
+    return TeacherGuard(config, recipe.teacher_names, watch, freeze)
 
 
 def sync_buffers(distiller, ema: Optional[StudentEma]) -> None:

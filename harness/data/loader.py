@@ -156,7 +156,7 @@ def plan_data(recipe, world_size: int, device: torch.device, grad_accum: int = 1
     """Select and check the recipe's shards for a world of ``world_size``; raises :class:`DataError`.
 
     Everything here comes from paths and ``_info.json``, so ``harness/run.py`` calls it before
-    start-up, and :func:`build_loaders` again (the same answer) to build the streams.
+    start-up and hands the answer to :func:`build_loaders` (which plans itself when not given one).
     """
     d = recipe.data
     train, val = select_shards(d.train, "data.train"), select_shards(d.val, "data.val")
@@ -183,10 +183,14 @@ def plan_data(recipe, world_size: int, device: torch.device, grad_accum: int = 1
 
 
 def build_loaders(recipe, pre: Preprocess, rank: int, world_size: int, device: torch.device,
-                  grad_accum: int = 1) -> tuple[EpochLoader, EpochLoader]:
-    """Train and validation loaders for this rank; the validation loader's ``shards`` checks an evaluation."""
+                  grad_accum: int = 1, plan: Optional[DataPlan] = None) -> tuple[EpochLoader, EpochLoader]:
+    """Train and validation loaders for this rank; the validation loader's ``shards`` checks an evaluation.
+
+    ``plan``: :func:`plan_data`'s answer for this world when the caller has it (``harness/run.py``'s
+    preflight), so the shard folders and ``_info.json`` are not read again; None: planned here.
+    """
     d = recipe.data
-    plan = plan_data(recipe, world_size, device, grad_accum)
+    plan = plan or plan_data(recipe, world_size, device, grad_accum)
     if rank == 0:
         for shards in (plan.train, plan.val):
             if shards.unlisted:
