@@ -51,12 +51,29 @@ def submit(recipe: Path, *overrides: str, options: tuple[str, ...] = ()) -> str:
                           capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
 
 
+_REFERENCES: list[subprocess.Popen] = []  # started by start_reference, ended by the fixture below
+
+
+@pytest.fixture(autouse=True)
+def _no_reference_outlives_its_test():
+    yield
+    while _REFERENCES:
+        reference = _REFERENCES.pop()
+        if reference.poll() is None:  # its test failed before finish(): it must not train on beside later tests
+            os.killpg(reference.pid, signal.SIGKILL)
+            reference.wait()
+
+
 def start_reference(recipe: Path, output: Path, processes: int = 1) -> subprocess.Popen:
     """The recipe run straight through to ``output``, beside the job: it trains while SLURM holds
-    and restarts the requeued job, instead of after it. Its log: ``output`` + ``.log``."""
+    and restarts the requeued job, instead of after it. Its log: ``output`` + ``.log``. Its own
+    process group, so that a test that fails before :func:`finish` ends it with its ranks."""
     with output.with_name(output.name + ".log").open("w") as sink:
-        return subprocess.Popen(launch_command([str(recipe), "--set", f"output={output}"], processes),
-                                cwd=output.parent, env=LAUNCH_ENV, stdout=sink, stderr=subprocess.STDOUT)
+        reference = subprocess.Popen(launch_command([str(recipe), "--set", f"output={output}"], processes),
+                                     cwd=output.parent, env=LAUNCH_ENV, stdout=sink, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+    _REFERENCES.append(reference)
+    return reference
 
 
 def finish(reference: subprocess.Popen, output: Path) -> subprocess.CompletedProcess:
